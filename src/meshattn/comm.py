@@ -1,0 +1,272 @@
+"""Differentiable collectives over one mesh axis, and the byte counter that audits them.
+
+Each collective is a small autograd.Function whose docstring states its forward and its
+backward. All of them take an `Axis` (process group + name + counter) as an argument; nothing
+here keeps global state. On an axis of size 1 every collective is the identity and records
+nothing.
+
+Byte accounting: for every call the counter records the *payload*, the size of the full tensor
+the collective is about (the reduced tensor of an all-reduce, the gathered output of an
+all-gather, the unscattered input of a reduce-scatter, the exchanged tensor of an all-to-all),
+keyed by (axis, kind, phase). `wire_bytes` converts payloads to per-rank ring traffic.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+# Per-rank traffic of a ring algorithm, as a multiple of the payload, for a group of size p.
+_WIRE_FACTOR = {
+    "all_reduce": lambda p: 2 * (p - 1) / p,
+    "all_gather": lambda p: (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+    "all_to_all": lambda p: (p - 1) / p,
+    "send_recv": lambda p: 1.0,
+}
+
+
+@dataclass
+class CommCounter:
+    """Calls and payload bytes per (axis, kind, phase); phase is "fwd" or "bwd"."""
+
+    calls: collections.Counter = field(default_factory=collections.Counter)
+    nbytes: collections.Counter = field(default_factory=collections.Counter)
+    group_size: dict = field(default_factory=dict)
+
+    def record(self, axis: str, size: int, kind: str, phase: str, numel: int, itemsize: int) -> None:
+        key = (axis, kind, phase)
+        self.calls[key] += 1
+        self.nbytes[key] += numel * itemsize
+        self.group_size[axis] = size
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.nbytes.clear()
+
+    def total(self, axis: str | None = None, kind: str | None = None, phase: str | None = None,
+              what: str = "bytes") -> int:
+        source = self.nbytes if what == "bytes" else self.calls
+        return sum(v for (a, k, p), v in source.items()
+                   if (axis is None or a == axis) and (kind is None or k == kind) and (phase is None or p == phase))
+
+    def wire_bytes(self, axis: str | None = None) -> float:
+        """Bytes each rank sends under ring algorithms, summed over recorded calls."""
+        return sum(v * _WIRE_FACTOR[k](self.group_size[a]) for (a, k, _), v in self.nbytes.items()
+                   if axis is None or a == axis)
+
+    def as_dict(self) -> dict:
+        return {f"{a}/{k}/{p}": {"calls": self.calls[(a, k, p)], "bytes": b}
+                for (a, k, p), b in sorted(self.nbytes.items())}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One mesh axis as the collectives see it: its group, its name, and where to count bytes."""
+
+    name: str
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+    counter: CommCounter | None = None
+
+    @classmethod
+    def of(cls, mesh, name: str, counter: CommCounter | None = None) -> Axis:
+        sub = mesh[name]
+        return cls(name, sub.get_group(), sub.size(), sub.get_local_rank(), counter)
+
+    @classmethod
+    def single(cls, name: str = "none") -> Axis:
+        return cls(name, None, 1, 0, None)
+
+    def record(self, kind: str, phase: str, t: torch.Tensor) -> None:
+        if self.counter is not None:
+            self.counter.record(self.name, self.size, kind, phase, t.numel(), t.element_size())
+
+
+# -- raw collectives (not differentiable); each records itself ---------------------------------
+
+def all_reduce_(t: torch.Tensor, axis: Axis, phase: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor."""
+    if axis.size > 1:
+        axis.record("all_reduce", phase, t)
+        dist.all_reduce(t, op=op, group=axis.group)
+    return t
+
+
+def all_gather_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((axis.size * x.numel(),))  # p copies of x, flat, rank order
+    axis.record("all_gather", phase, out)
+    _all_gather_single(out, x.view(-1), group=axis.group)
+    return torch.cat(out.view(axis.size, *x.shape).unbind(0), dim=dim)  # x.shape with dim scaled by p
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
+    chunks = torch.stack(x.chunk(axis.size, dim=dim))  # (p, *chunk): slot j is reduced onto rank j
+    out = x.new_empty(chunks.shape[1:])
+    axis.record("reduce_scatter", phase, chunks)
+    _reduce_scatter_single(out.view(-1), chunks.view(-1), group=axis.group)
+    return out
+
+
+def _split(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    return x.chunk(axis.size, dim=dim)[axis.rank].contiguous()
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, axis: Axis, phase: str) -> torch.Tensor:
+    send = torch.stack(x.chunk(axis.size, dim=scatter_dim))  # (p, *chunk): slot j goes to rank j
+    recv = torch.empty_like(send)  # slot j came from rank j
+    axis.record("all_to_all", phase, send)
+    dist.all_to_all_single(recv, send, group=axis.group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def _check_divisible(x: torch.Tensor, dim: int, axis: Axis, what: str) -> None:
+    if x.shape[dim] % axis.size:
+        raise ValueError(f"{what}: dim {dim} of size {x.shape[dim]} is not divisible by the "
+                         f"{axis.name} axis size {axis.size}")
+
+
+# -- differentiable collectives ----------------------------------------------------------------
+
+class _CopyToGroup(Function):
+    """Identity forward; all-reduce (sum) backward. Megatron's `f`: the input of a column-parallel
+    layer, whose every rank's gradient contribution must be summed."""
+
+    @staticmethod
+    def forward(ctx, x, axis):
+        ctx.axis = axis
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.axis, "bwd"), None
+
+
+class _ReduceFromGroup(Function):
+    """All-reduce (sum) forward; identity backward. Megatron's `g`: the partial sums of a
+    row-parallel layer."""
+
+    @staticmethod
+    def forward(ctx, x, axis):
+        return all_reduce_(x.contiguous().clone(), axis, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromGroup(Function):
+    """All-gather along `dim` forward; keep this rank's chunk (split) backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return all_gather_raw(x, dim, axis, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.dim, ctx.axis), None, None
+
+
+class _ScatterToGroup(Function):
+    """Keep this rank's chunk along `dim` (split) forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _split(x, dim, axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
+
+
+class _AllGather(Function):
+    """All-gather along `dim` forward; reduce-scatter backward. The entry of a sequence-parallel
+    region: each rank's full-size output gradient is partial and is summed into its chunk."""
+
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return all_gather_raw(x, dim, axis, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.axis, "bwd"), None, None
+
+
+class _ReduceScatter(Function):
+    """Reduce-scatter along `dim` forward; all-gather backward. The exit of a row-parallel layer
+    under sequence parallelism."""
+
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _reduce_scatter(x, dim, axis, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
+
+
+class _AllToAll(Function):
+    """All-to-all forward (split `scatter_dim`, concatenate received chunks along `gather_dim`);
+    the inverse all-to-all backward."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, axis):
+        ctx.dims, ctx.axis = (scatter_dim, gather_dim), axis
+        return _all_to_all(x, scatter_dim, gather_dim, axis, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.axis, "bwd"), None, None, None
+
+
+def copy_to_group(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    return x if axis.size == 1 else _CopyToGroup.apply(x, axis)
+
+
+def reduce_from_group(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    return x if axis.size == 1 else _ReduceFromGroup.apply(x, axis)
+
+
+def gather_from_group(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    return x if axis.size == 1 else _GatherFromGroup.apply(x, dim, axis)
+
+
+def scatter_to_group(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    if axis.size == 1:
+        return x
+    _check_divisible(x, dim, axis, "scatter_to_group")
+    return _ScatterToGroup.apply(x, dim, axis)
+
+
+def all_gather(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    return x if axis.size == 1 else _AllGather.apply(x, dim, axis)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    if axis.size == 1:
+        return x
+    _check_divisible(x, dim, axis, "reduce_scatter")
+    return _ReduceScatter.apply(x, dim, axis)
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, axis: Axis) -> torch.Tensor:
+    if axis.size == 1:
+        return x
+    _check_divisible(x, scatter_dim, axis, "all_to_all")
+    return _AllToAll.apply(x, scatter_dim, gather_dim, axis)

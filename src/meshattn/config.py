@@ -1,0 +1,258 @@
+"""Configuration dataclasses and every size check, with messages that name the fix.
+
+Nothing here imports torch.distributed or the rest of meshattn: a configuration can be
+built and validated on a laptop, and every rank validates the same one the same way before
+any collective is issued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. The message says what to change."""
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _legal(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("rope", "learned")
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: sizes, norm, positions, MLP kind.
+
+    n_kv_heads < n_heads is grouped-query attention (GQA); n_kv_heads == 1 is multi-query (MQA).
+    None means n_kv_heads = n_heads and d_ff = 4 * d_model.
+    """
+
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    n_layers: int = 2
+    d_ff: int | None = None
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    norm: str = "layernorm"
+    position: str = "rope"
+    activation: str = "gelu"
+    bias: bool = False
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"legal n_heads: {_legal(divisors(self.d_model))}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                f"legal n_kv_heads: {_legal(divisors(self.n_heads))}"
+            )
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm={self.norm!r} is unknown; choose one of {NORMS}")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"position={self.position!r} is unknown; choose one of {POSITIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is unknown; choose one of {ACTIVATIONS}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"rotary positions need an even head_dim, got d_model/n_heads={self.head_dim}; "
+                "change d_model or n_heads, or use position='learned'"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def num_params(self) -> int:
+        h, f, v = self.d_model, self.d_ff, self.vocab_size
+        qkv = h * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        mlp = (3 if self.activation == "swiglu" else 2) * h * f
+        norms = 2 * h * (2 if self.norm == "layernorm" and self.bias else 1)
+        block = qkv + h * h + mlp + norms
+        emb = v * h + (self.max_seq_len * h if self.position == "learned" else 0)
+        head = 0 if self.tie_embeddings else v * h
+        return self.n_layers * block + emb + head + h
+
+
+# Named presets. Vocabulary sizes are padded to a multiple of 64 (as nanoGPT pads GPT-2's
+# 50257 to 50304) so that common tensor-parallel sizes divide them.
+PRESETS: dict[str, ModelConfig] = {
+    # The CPU default: trains in a minute on two cores with byte-level tokens.
+    "tiny": ModelConfig(d_model=128, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=512, vocab_size=256,
+                        max_seq_len=256, norm="rmsnorm", position="rope", activation="swiglu"),
+    "small": ModelConfig(d_model=256, n_heads=8, n_kv_heads=4, n_layers=4, d_ff=1024, vocab_size=256,
+                         max_seq_len=512, norm="rmsnorm", position="rope", activation="swiglu"),
+    # GPT-2 small (124M): learned positions, LayerNorm with bias, GELU, tied embeddings.
+    "gpt2-small": ModelConfig(d_model=768, n_heads=12, n_layers=12, d_ff=3072, vocab_size=50304,
+                              max_seq_len=1024, norm="layernorm", position="learned", activation="gelu",
+                              bias=True, tie_embeddings=True),
+    # Llama-3.2-1B shaped: GQA with 8 KV heads for 32 query heads, RMSNorm, rotary, SwiGLU.
+    "llama-1b": ModelConfig(d_model=2048, n_heads=32, n_kv_heads=8, n_layers=16, d_ff=8192,
+                            vocab_size=128256, max_seq_len=8192, norm="rmsnorm", position="rope",
+                            activation="swiglu", tie_embeddings=True, rope_theta=500000.0),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sizes of the mesh axes dp x cp x tp (outermost to innermost) and how each is used.
+
+    tp splits attention heads and MLP columns (Megatron style); sequence_parallel additionally
+    shards the activations between blocks (norms, residual) over tp along the sequence.
+    cp is the context-parallel axis; it must be 1 until context parallelism lands.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.cp != 1:
+            raise ConfigError(f"cp={self.cp}: context parallelism is not available yet; use cp=1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp
+
+    def check_world(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise ConfigError(
+                f"dp*cp*tp = {self.dp}*{self.cp}*{self.tp} = {self.world_size} does not match the "
+                f"world size {world_size}; choose sizes whose product is {world_size} "
+                f"(legal tp sizes for this world: {_legal(divisors(world_size))})"
+            )
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse a model this layout cannot split exactly."""
+        tp = self.tp
+        if model.n_heads % tp:
+            legal = [t for t in divisors(model.n_heads) if _kv_ok(model.n_kv_heads, t)]
+            raise ConfigError(
+                f"n_heads={model.n_heads} is not divisible by tp={tp}; legal tp sizes: {_legal(legal)}"
+            )
+        if not _kv_ok(model.n_kv_heads, tp):
+            legal = [t for t in divisors(model.n_heads) if _kv_ok(model.n_kv_heads, t)]
+            raise ConfigError(
+                f"n_kv_heads={model.n_kv_heads} is neither a multiple nor a divisor of tp={tp}, so KV "
+                f"heads can be neither split nor replicated evenly; legal tp sizes: {_legal(legal)}"
+            )
+        if model.d_ff % tp:
+            raise ConfigError(
+                f"d_ff={model.d_ff} is not divisible by tp={tp}; legal tp sizes: "
+                f"{_legal([t for t in divisors(model.d_ff) if model.n_heads % t == 0])}"
+            )
+        if model.vocab_size % tp:
+            padded = -(-model.vocab_size // tp) * tp
+            raise ConfigError(
+                f"vocab_size={model.vocab_size} is not divisible by tp={tp} (the vocabulary is split "
+                f"over tp); pad vocab_size to {padded} or choose tp among "
+                f"{_legal([t for t in divisors(model.vocab_size) if model.n_heads % t == 0])}"
+            )
+
+    def check_batch(self, batch_size: int, seq_len: int, grad_accum: int = 1) -> None:
+        if batch_size % (self.dp * grad_accum):
+            raise ConfigError(
+                f"batch_size={batch_size} is not divisible by dp*grad_accum={self.dp}*{grad_accum}; "
+                f"use a batch size that is a multiple of {self.dp * grad_accum}"
+            )
+        if self.sequence_parallel and seq_len % self.tp:
+            raise ConfigError(
+                f"sequence_parallel needs seq_len divisible by tp: seq_len={seq_len}, tp={self.tp}; "
+                f"use seq_len={-(-seq_len // self.tp) * self.tp} or turn sequence_parallel off"
+            )
+
+
+def _kv_ok(n_kv_heads: int, tp: int) -> bool:
+    return n_kv_heads % tp == 0 or tp % n_kv_heads == 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: the model, its layout and the optimisation settings.
+
+    batch_size is the global number of sequences per optimizer step, split over dp and over
+    grad_accum micro-batches. Construction validates the whole combination.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(tp=2))
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    data: str | None = None
+    out: str = "runs/default"
+    sample_tokens: int = 200
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}; "
+                f"lower --seq-len or raise max_seq_len"
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or float64")
+        self.parallel.check_model(self.model)
+        self.parallel.check_batch(self.batch_size, self.seq_len, self.grad_accum)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig(**d["model"])
+        d["parallel"] = ParallelConfig(**d["parallel"])
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """A short hash every rank can compare to prove they run the same configuration."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,85 @@
+"""The bundled training text and its batches.
+
+Default data is real text every machine with Python has: the standard library's own source
+files, read at run time in a fixed order and tokenised as bytes (vocabulary 256). `--data PATH`
+takes any text file or folder instead.
+
+Batches are drawn from a generator seeded by (seed, step), so the *global* batch at each step
+is the same whatever the layout; each dp replica then takes its rows. That is what makes a
+dp x tp run's loss curve comparable to the single-device run's.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _text_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
+        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(TEXT_SUFFIXES)]
+    return files
+
+
+def load_bytes(path: str | None = None, max_bytes: int = 16 * 2**20) -> torch.Tensor:
+    """Up to max_bytes of text as a uint8 tensor (the standard library when path is None)."""
+    root = stdlib_dir() if path is None else Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {root}: no such file or folder")
+    chunks, total = [], 0
+    for f in _text_files(root):
+        data = f.read_bytes()
+        chunks.append(data[: max_bytes - total])
+        total += len(chunks[-1])
+        if total >= max_bytes:
+            break
+    if total == 0:
+        raise ValueError(f"--data {root}: found no text ({', '.join(TEXT_SUFFIXES)} files)")
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+@dataclass
+class Corpus:
+    """Train/validation split of a byte stream, with seeded global batches."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+
+    @classmethod
+    def from_path(cls, path: str | None = None, val_fraction: float = 0.05, max_bytes: int = 16 * 2**20) -> Corpus:
+        data = load_bytes(path, max_bytes)
+        n_val = max(int(len(data) * val_fraction), 1)
+        return cls(train=data[:-n_val], val=data[-n_val:])
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int, split: str = "train"):
+        """Global batch for `step`: ids and next-token targets, each (batch_size, seq_len) int64."""
+        data = self.train if split == "train" else self.val
+        if len(data) <= seq_len + 1:
+            raise ValueError(f"the {split} text has {len(data)} bytes, fewer than seq_len+1={seq_len + 1}; "
+                             "give more data or a shorter --seq-len")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 2 + (split != "train"))
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
+        rows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()  # (B, S+1)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(ids) -> str:
+    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")

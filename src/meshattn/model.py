@@ -1,0 +1,163 @@
+"""The single-device reference Transformer: the oracle every parallel path is checked against.
+
+A decoder-only language model: token embedding (+ learned positions), pre-norm blocks of
+causal multi-head self-attention (fused QKV, grouped-query heads, rotary or learned positions)
+and an MLP, a final norm and the LM head. It never imports torch.distributed.
+
+Notation in shape comments: B batch, S sequence, H query heads, G KV heads, D head dim,
+h = d_model, F = d_ff, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles for integer positions (S,) -> two (S, D/2) tables.
+
+    Angles are computed in float64 and rounded once, so every layout that feeds the same
+    global positions gets bitwise the same tables.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (S, D/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, S, heads, D) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, S, heads, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Fused scaled-dot-product attention with grouped KV heads.
+
+    q (B, H, S, D), k and v (B, G, S, D) with H % G == 0; query head i reads KV head i // (H/G).
+    Returns (B, H, S, D).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; the fused QKV weight holds rows [Q heads | K heads | V heads]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return self.proj(attend(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, rope))
+
+
+def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope) -> torch.Tensor:
+    """From fused projections (B, S, (H + 2G) * D) to the attention output (B, S, H * D).
+
+    Shared by the reference and the tensor-parallel attention (which passes its local head counts).
+    """
+    B, S, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q = q.view(B, S, n_heads, head_dim)  # (B, S, H, D)
+    k = k.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
+    v = v.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    y = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, D)
+    return y.transpose(1, 2).reshape(B, S, n_heads * head_dim)  # (B, S, H*D)
+
+
+class MLP(nn.Module):
+    """GELU MLP (fc -> gelu -> proj) or SwiGLU (silu(gate) * fc -> proj)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation == "swiglu" else None
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(mlp_hidden(self.fc(x), None if self.gate is None else self.gate(x)))
+
+
+def mlp_hidden(fc: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return F.gelu(fc) if gate is None else F.silu(gate) * fc
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: normal(0, std) weights, zero biases, output projections scaled by depth."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norms keep their ones/zeros; biases below
+            scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith("proj.weight") else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(ids)  # (B, S, h)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        return x
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        if self.cfg.position != "rope":
+            return None
+        return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """ids (B, S) -> logits (B, S, V), and the mean next-token loss when targets (B, S) are given."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.embed(ids, positions)
+        rope = self.rope(positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.head(self.norm(x))  # (B, S, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss

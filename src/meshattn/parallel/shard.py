@@ -1,0 +1,107 @@
+"""How a local parameter maps onto a parameter of the reference model, and back.
+
+Every parameter of a parallel model carries a `Shard`: the reference parameter it came from,
+the slice [start, stop) of that parameter along `dim` it belongs to (a fused QKV weight is three
+such slices), and into how many `parts` that slice is split over the tp axis. parts == tp: rank r
+holds part r; parts < tp: each part is replicated on tp/parts consecutive ranks (KV heads when
+n_kv_heads < tp); parts == 1: replicated everywhere.
+
+This one description drives slicing a full state dict into local parameters and gathering
+local parameters (or their gradients) back into a full state dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..comm import Axis, all_gather_raw
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # reference parameter name, e.g. "blocks.0.attn.qkv.weight"
+    full_shape: tuple[int, ...]
+    dim: int = 0
+    parts: int = 1
+    start: int = 0
+    stop: int | None = None  # None: to the end of `dim`
+
+    @property
+    def span(self) -> int:
+        return (self.full_shape[self.dim] if self.stop is None else self.stop) - self.start
+
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.full_shape)
+        shape[self.dim] = self.span // self.parts
+        return tuple(shape)
+
+    def part_of(self, tp_rank: int, tp: int) -> int:
+        return tp_rank * self.parts // tp
+
+    def take(self, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+        """The local piece of a full reference tensor."""
+        region = full.narrow(self.dim, self.start, self.span)
+        return region.chunk(self.parts, dim=self.dim)[self.part_of(tp_rank, tp)]
+
+    def assemble(self, pieces: list[torch.Tensor], tp: int) -> torch.Tensor:
+        """The region [start, stop) from every tp rank's local piece (replicas read once)."""
+        return torch.cat([pieces[i * tp // self.parts] for i in range(self.parts)], dim=self.dim)
+
+
+def collect_shards(module: nn.Module) -> dict[str, Shard]:
+    """Shards of every parameter, keyed by the parameter's name in `module` (ties included)."""
+    shards = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for pname, shard in getattr(mod, "param_shards", {}).items():
+            shards[f"{mod_name}.{pname}" if mod_name else pname] = shard
+    return shards
+
+
+def check_shards(module: nn.Module, shards: dict[str, Shard]) -> None:
+    names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    missing = names - shards.keys()
+    if missing:
+        raise RuntimeError(f"parameters without a Shard description: {sorted(missing)}")
+
+
+@torch.no_grad()
+def load_full_state_dict(module: nn.Module, shards: dict[str, Shard], state: dict[str, torch.Tensor],
+                         tp_rank: int, tp: int) -> None:
+    """Copy this rank's slices of a full (reference-named) state dict into the local parameters."""
+    wanted = {s.name for s in shards.values()}
+    absent = sorted(wanted - state.keys())
+    if absent:
+        raise KeyError(f"state dict lacks {len(absent)} parameter(s) the model needs: {absent[:5]}")
+    for name, p in module.named_parameters(remove_duplicate=False):
+        shard = shards[name]
+        full = state[shard.name]
+        if tuple(full.shape) != shard.full_shape:
+            raise ValueError(f"{shard.name}: state dict has shape {tuple(full.shape)}, "
+                             f"the model expects {shard.full_shape}")
+        p.copy_(shard.take(full, tp_rank, tp))
+
+
+@torch.no_grad()
+def gather_full(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
+                grads: bool = False) -> dict[str, torch.Tensor]:
+    """The full reference-named state dict (or gradients) on every rank of the tp axis.
+
+    A collective over tp: every tp rank must call it. Parameters without a gradient give zeros.
+    """
+    axis = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank, None)  # not training traffic
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        shard = shards[name]
+        t = p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
+        if shard.parts == 1 or axis.size == 1:
+            region = t.clone()
+        else:
+            pieces = all_gather_raw(t.unsqueeze(0), 0, axis, "fwd").unbind(0)  # tp x local
+            region = shard.assemble(list(pieces), axis.size)
+        full = out.setdefault(shard.name, t.new_zeros(shard.full_shape))
+        full.narrow(shard.dim, shard.start, shard.span).copy_(region)
+    return out
+

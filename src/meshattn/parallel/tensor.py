@@ -1,0 +1,274 @@
+"""Tensor parallelism (Megatron style) over the tp axis: heads and MLP columns split across ranks.
+
+Per block, forward: the normed input enters the tensor-parallel region once (identity, or an
+all-gather of sequence shards under sequence parallelism); Q/K/V and the MLP's first matmul are
+column-parallel, so each rank owns whole heads and whole hidden columns; the attention output
+projection and the MLP's second matmul are row-parallel and leave the region through one
+all-reduce (or a reduce-scatter to sequence shards). Backward mirrors each collective.
+
+The vocabulary is split too: the embedding looks up only its own rows (others give zeros, summed
+by the exit collective) and the LM head produces vocab-sharded logits whose cross-entropy is
+computed with three all-reduces of (tokens,) vectors, never gathering (B, S, V).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
+from ..config import ModelConfig
+from ..model import attend, mlp_hidden, rotary_tables
+from .shard import Shard
+
+
+class Region:
+    """Entry and exit of a tensor-parallel region, and replicated parameters used beside it.
+
+    Without sequence parallelism activations between regions are replicated: enter = identity
+    forward / all-reduce backward, exit = all-reduce forward. With it they are sequence shards
+    (dim 1): enter = all-gather, exit = reduce-scatter, and replicated parameters that touch the
+    shards (norms, biases after the exit, positions) have their gradients summed over tp.
+    """
+
+    def __init__(self, axis: Axis, sequence_parallel: bool):
+        self.axis, self.sp = axis, sequence_parallel and axis.size > 1
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:  # (B, S/tp | S, h) -> (B, S, h)
+        return all_gather(x, 1, self.axis) if self.sp else copy_to_group(x, self.axis)
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:  # partial (B, S, h) -> (B, S/tp | S, h)
+        return reduce_scatter(x, 1, self.axis) if self.sp else reduce_from_group(x, self.axis)
+
+    def replicated(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        return copy_to_group(p, self.axis) if (self.sp and p is not None) else p
+
+    def local_seq(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's sequence shard of a replicated tensor (a no-op without sequence parallelism)."""
+        return x.chunk(self.axis.size, dim=dim)[self.axis.rank] if self.sp else x
+
+
+class ShardedModule(nn.Module):
+    """A module whose parameters are declared by their Shard; values are loaded afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.param_shards: dict[str, Shard] = {}
+
+    def declare(self, name: str, shard: Shard | None) -> None:
+        if shard is None:
+            self.register_parameter(name, None)
+            return
+        self.register_parameter(name, nn.Parameter(torch.empty(shard.local_shape())))
+        self.param_shards[name] = shard
+
+
+def _linear_shards(prefix: str, out_f: int, in_f: int, bias: bool, dim: int, parts: int,
+                   start: int = 0, stop: int | None = None):
+    """Weight and bias shards of one reference Linear (or of a row slice of it)."""
+    w = Shard(f"{prefix}.weight", (out_f, in_f), dim, parts, start, stop)
+    if not bias:
+        return w, None
+    # A column split cuts the bias too; a row split leaves it whole (added after the reduction).
+    b = Shard(f"{prefix}.bias", (out_f,), 0, parts, start, stop) if dim == 0 else Shard(f"{prefix}.bias", (out_f,))
+    return w, b
+
+
+class ParallelAttention(ShardedModule):
+    """Column-parallel Q/K/V (whole heads per rank), row-parallel output projection.
+
+    tp rank r owns query heads [r*H/tp, (r+1)*H/tp). KV heads: G >= tp, each rank owns G/tp of
+    them; G < tp, each KV head is replicated on tp/G consecutive ranks, and its weights pass
+    through `copy_to_group` over that replica group so their gradients are summed there.
+    """
+
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis):
+        super().__init__()
+        tp = region.axis.size
+        H, G, D, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.n_heads, self.n_kv_heads, self.head_dim = H // tp, max(G // tp, 1), D
+        self.region, self.kv_axis = region, kv_axis
+        rows = (H + 2 * G) * D
+        for name, start, stop, parts in (("q", 0, H * D, tp), ("k", H * D, (H + G) * D, min(G, tp)),
+                                         ("v", (H + G) * D, rows, min(G, tp))):
+            w, b = _linear_shards(f"{prefix}.qkv", rows, h, cfg.bias, 0, parts, start, stop)
+            self.declare(f"w{name}", w)
+            self.declare(f"b{name}", b)
+        w, b = _linear_shards(f"{prefix}.proj", h, H * D, cfg.bias, 1, tp)
+        self.declare("proj_weight", w)
+        self.declare("proj_bias", b)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = self.region.enter(x)  # (B, S, h)
+        wk, wv = copy_to_group(self.wk, self.kv_axis), copy_to_group(self.wv, self.kv_axis)
+        weight = torch.cat([self.wq, wk, wv])  # ((H/tp + 2 G_local) * D, h)
+        bias = None
+        if self.bq is not None:
+            bias = torch.cat([self.bq, copy_to_group(self.bk, self.kv_axis), copy_to_group(self.bv, self.kv_axis)])
+        y = attend(F.linear(x, weight, bias), self.n_heads, self.n_kv_heads, self.head_dim, rope)  # (B, S, H/tp*D)
+        out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
+        return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
+
+
+class ParallelMLP(ShardedModule):
+    """Column-parallel fc (and gate), row-parallel proj: one entry, one exit."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region):
+        super().__init__()
+        tp, h, f = region.axis.size, cfg.d_model, cfg.d_ff
+        self.region = region
+        for name in ("fc", "gate"):
+            present = name == "fc" or cfg.activation == "swiglu"
+            w, b = _linear_shards(f"{prefix}.{name}", f, h, cfg.bias, 0, tp) if present else (None, None)
+            self.declare(f"{name}_weight", w)
+            self.declare(f"{name}_bias", b)
+        w, b = _linear_shards(f"{prefix}.proj", h, f, cfg.bias, 1, tp)
+        self.declare("proj_weight", w)
+        self.declare("proj_bias", b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.region.enter(x)  # (B, S, h)
+        fc = F.linear(x, self.fc_weight, self.fc_bias)  # (B, S, F/tp)
+        gate = None if self.gate_weight is None else F.linear(x, self.gate_weight, self.gate_bias)
+        out = self.region.exit(F.linear(mlp_hidden(fc, gate), self.proj_weight))  # (B, S/tp | S, h)
+        return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
+
+
+class ParallelNorm(ShardedModule):
+    """LayerNorm or RMSNorm with replicated weights, applied to replicated or sequence-sharded x."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region):
+        super().__init__()
+        self.kind, self.eps, self.region = cfg.norm, cfg.norm_eps, region
+        self.declare("weight", Shard(f"{prefix}.weight", (cfg.d_model,)))
+        has_bias = cfg.norm == "layernorm" and cfg.bias
+        self.declare("bias", Shard(f"{prefix}.bias", (cfg.d_model,)) if has_bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.region.replicated(self.weight)
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, x.shape[-1:], w, self.eps)
+        return F.layer_norm(x, x.shape[-1:], w, self.region.replicated(self.bias), self.eps)
+
+
+class ParallelBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis):
+        super().__init__()
+        self.norm1 = ParallelNorm(cfg, f"{prefix}.norm1", region)
+        self.attn = ParallelAttention(cfg, f"{prefix}.attn", region, kv_axis)
+        self.norm2 = ParallelNorm(cfg, f"{prefix}.norm2", region)
+        self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class VocabParallelEmbedding(ShardedModule):
+    """Rows [r*V/tp, (r+1)*V/tp) of the token embedding; learned positions replicated."""
+
+    def __init__(self, cfg: ModelConfig, region: Region):
+        super().__init__()
+        tp = region.axis.size
+        self.region = region
+        self.vocab_start = region.axis.rank * (cfg.vocab_size // tp)
+        self.vocab_end = self.vocab_start + cfg.vocab_size // tp
+        self.declare("weight", Shard("tok_emb.weight", (cfg.vocab_size, cfg.d_model), 0, tp))
+        learned = cfg.position == "learned"
+        self.declare("pos_weight", Shard("pos_emb.weight", (cfg.max_seq_len, cfg.d_model)) if learned else None)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, S)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
+        x = self.region.exit(x)  # (B, S/tp | S, h)
+        if self.pos_weight is not None:
+            pos = self.region.local_seq(positions, 0)
+            x = x + F.embedding(pos, self.region.replicated(self.pos_weight))
+        return x
+
+
+class VocabParallelHead(ShardedModule):
+    """LM head rows [r*V/tp, (r+1)*V/tp): vocab-sharded logits."""
+
+    def __init__(self, cfg: ModelConfig, region: Region):
+        super().__init__()
+        self.declare("weight", Shard("head.weight", (cfg.vocab_size, cfg.d_model), 0, region.axis.size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, h) -> (B, S, V/tp)
+        return F.linear(x, self.weight)
+
+
+class _VocabParallelCrossEntropy(Function):
+    """Mean cross-entropy of vocab-sharded logits (N, V/tp) against global target ids (N,).
+
+    Forward: all-reduce(max) of each row's max, all-reduce(sum) of the shifted exp-sums, and
+    all-reduce(sum) of the target logit (zero where this rank does not own the target).
+    Backward: (softmax - onehot) / N on the local columns; no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, axis):
+        row_max = logits.max(dim=-1).values  # (N,)
+        all_reduce_(row_max, axis, "fwd", op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - row_max[:, None]  # (N, V/tp)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)  # (N,)
+        all_reduce_(sum_exp, axis, "fwd")
+        local_t = targets - vocab_start
+        owned = (local_t >= 0) & (local_t < logits.shape[-1])  # (N,)
+        local_t = local_t.masked_fill(~owned, 0)
+        target_logit = shifted.gather(1, local_t[:, None]).squeeze(1).masked_fill(~owned, 0.0)  # (N,)
+        all_reduce_(target_logit, axis, "fwd")
+        loss = (sum_exp.log() - target_logit).mean()
+        exp.div_(sum_exp[:, None])  # softmax, in place
+        ctx.save_for_backward(exp, local_t, owned)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_t, owned = ctx.saved_tensors
+        g = softmax.clone()
+        rows = torch.arange(g.shape[0], device=g.device)
+        g[rows, local_t] -= owned.to(g.dtype)
+        return g.mul_(grad / g.shape[0]), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                                 axis: Axis) -> torch.Tensor:
+    """logits (B, S, V/tp), targets (B, S) -> the mean loss over all B*S tokens (replicated on tp)."""
+    return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), vocab_start, axis)
+
+
+class TensorParallelTransformer(nn.Module):
+    """The reference Transformer split over a tp axis. Parameters are declared empty; load them
+    with `parallel.shard.load_full_state_dict` (parallelize does)."""
+
+    def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False):
+        super().__init__()
+        self.cfg, self.tp_axis = cfg, tp_axis
+        self.region = Region(tp_axis, sequence_parallel)
+        self.tok_emb = VocabParallelEmbedding(cfg, self.region)
+        self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis)
+                                    for i in range(cfg.n_layers))
+        self.norm = ParallelNorm(cfg, "norm", self.region)
+        self.head = VocabParallelHead(cfg, self.region)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """ids (B, S) -> vocab-sharded logits (B, S, V/tp) and the mean loss over all tokens."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.tok_emb(ids, positions)  # (B, S/tp | S, h)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.head(self.region.enter(self.norm(x)))  # (B, S, V/tp)
+        loss = None
+        if targets is not None:
+            loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, self.tp_axis)
+        return logits, loss

@@ -1,0 +1,209 @@
+"""Training: one step, the loop, sampling and the final checkpoint. Runs on every rank.
+
+The global batch at each step is fixed by (seed, step) and split over dp; tp ranks of one
+replica see the same rows. The reported loss is the global mean (averaged over dp), not rank
+0's local value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from .comm import CommCounter, all_gather_raw, all_reduce_
+from .config import TrainConfig
+from .corpus import Corpus, decode, encode
+from .model import Transformer
+from .parallel import ParallelModel, gather_state_dict, local_batch, parallelize
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def build_model(cfg: TrainConfig, mesh: DeviceMesh, counter: CommCounter | None = None) -> ParallelModel:
+    """Every rank builds the same seeded reference model and keeps its own slices of it."""
+    torch.manual_seed(cfg.seed)
+    ref = Transformer(cfg.model).to(DTYPES[cfg.dtype])
+    return parallelize(ref, mesh, cfg.parallel, counter)
+
+
+def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (embeddings and linear weights), as nanoGPT does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def grad_norm(model: ParallelModel) -> torch.Tensor:
+    """The global L2 norm of the gradient, equal to the reference model's.
+
+    A parameter split into `parts` over tp ranks appears tp/parts times across the tp group, so
+    each rank weights its local sum of squares by parts/tp before the sum over tp.
+    """
+    tp = model.axes.tp
+    seen, total = set(), None
+    for name, p in model.tp_model.named_parameters(remove_duplicate=False):
+        if p.grad is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        sq = p.grad.double().pow(2).sum() * (model.shards[name].parts / tp.size)
+        total = sq if total is None else total + sq
+    total = total.reshape(1)
+    return all_reduce_(total, tp, "grad_norm").sqrt()[0]
+
+
+def clip_grads(model: ParallelModel, max_norm: float) -> torch.Tensor:
+    norm = grad_norm(model)
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, step: int,
+               cfg: TrainConfig) -> tuple[float, float]:
+    """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
+    ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
+    dp = model.axes.dp
+    ids, targets = local_batch(ids, dp), local_batch(targets, dp)  # (B/dp, S)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    micro_ids, micro_targets = ids.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)
+    for i, (x, y) in enumerate(zip(micro_ids, micro_targets)):
+        with model.no_sync(skip=i < cfg.grad_accum - 1):
+            _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().double()
+    norm = clip_grads(model, cfg.grad_clip)
+    opt.step()
+    mean = all_reduce_(loss_sum / (cfg.grad_accum * dp.size), dp, "metrics")
+    return mean.item(), norm.item()
+
+
+@torch.no_grad()
+def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: float = 0.8, top_k: int = 40,
+             seed: int = 0) -> str:
+    """Sample a continuation. Every rank runs the same forward passes and draws the same tokens:
+    vocab-sharded logits are gathered over tp and sampled with an identically seeded generator."""
+    tp_model, tp = model.tp_model, model.axes.tp
+    tp_model.eval()
+    plain_tp = type(tp)(tp.name, tp.group, tp.size, tp.rank, None)  # not training traffic
+    gen = torch.Generator().manual_seed(seed)
+    ids = encode(prompt)
+    max_len = tp_model.cfg.max_seq_len
+    for _ in range(n_tokens):
+        ctx = ids[-max_len:]
+        n = len(ctx)
+        # Sequence parallelism needs a length divisible by tp: pad on the right, which causal
+        # attention cannot see from position n-1.
+        padded = torch.nn.functional.pad(ctx, (0, (-n) % tp.size))
+        padded = padded[:max_len] if len(padded) > max_len else padded
+        logits, _ = tp_model(padded[None].to(next(tp_model.parameters()).device))
+        last = logits[0, n - 1].float()  # (V/tp,)
+        full = all_gather_raw(last, 0, plain_tp, "fwd") if tp.size > 1 else last  # (V,)
+        top = torch.topk(full / temperature, top_k)
+        probs = torch.softmax(top.values, dim=-1)
+        ids = torch.cat([ids, top.indices[torch.multinomial(probs, 1, generator=gen)]])
+    tp_model.train()
+    return decode(ids[len(encode(prompt)):].tolist())
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    sample: str = ""
+    checkpoint: str | None = None
+    tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 0.0 if not self.step_times else self.tokens / sum(self.step_times)
+
+
+@torch.no_grad()
+def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: int = 4) -> float:
+    model.eval()
+    total = torch.zeros(1, dtype=torch.float64)
+    for i in range(batches):
+        ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
+        _, loss = model.tp_model(local_batch(ids, model.axes.dp), local_batch(targets, model.axes.dp))
+        total += loss.double()
+    model.train()
+    return all_reduce_(total / (batches * model.axes.dp.size), model.axes.dp, "metrics").item()
+
+
+def save_checkpoint(model: ParallelModel, cfg: TrainConfig, step: int, out: Path) -> Path | None:
+    """Gather the full single-device state dict (layout-free) and write it from global rank 0."""
+    state = gather_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.pt"
+    tmp = out / "model.pt.tmp"
+    torch.save({"model": state, "step": step, "config": cfg.to_dict()}, tmp)
+    tmp.replace(path)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return path
+
+
+def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str = "def ") -> TrainResult:
+    """Train from scratch on every rank; rank 0 shows a progress bar and writes the outputs."""
+    rank0 = dist.get_rank() == 0
+    corpus = Corpus.from_path(cfg.data)
+    model = build_model(cfg, mesh)
+    opt = make_optimizer(model, cfg)
+    result = TrainResult()
+    bar = None
+    if progress and rank0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    try:
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            loss, norm = train_step(model, opt, corpus, step, cfg)
+            result.step_times.append(time.perf_counter() - t0)
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            result.tokens += tokens_per_step
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / result.step_times[-1]:,.0f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.val_loss = evaluate(model, corpus, cfg)
+    if cfg.sample_tokens > 0:
+        result.sample = generate(model, prompt, cfg.sample_tokens, seed=cfg.seed)
+    out = Path(cfg.out)
+    path = save_checkpoint(model, cfg, cfg.steps, out / "checkpoint")
+    if rank0:
+        result.checkpoint = str(path)
+        metrics = {"losses": result.losses, "grad_norms": result.grad_norms, "val_loss": result.val_loss,
+                   "step_times": result.step_times, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
+                   "config": cfg.to_dict()}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return result
