@@ -185,8 +185,9 @@ class VocabParallelEmbedding(ShardedModule):
         x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
         x = self.region.exit(x)  # (B, S/tp | S, h)
         if self.pos_weight is not None:
-            pos = self.region.local_seq(positions, 0)
-            x = x + F.embedding(pos, self.region.replicated(self.pos_weight))
+            # Only rows up to the largest position are used, so only they need a gradient sum.
+            table = self.region.replicated(self.pos_weight[: int(positions.max()) + 1])  # (S, h)
+            x = x + F.embedding(self.region.local_seq(positions, 0), table)
         return x
 
 
