@@ -89,14 +89,15 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def num_params(self) -> int:
-        h, f, v = self.d_model, self.d_ff, self.vocab_size
-        qkv = h * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        mlp = (3 if self.activation == "swiglu" else 2) * h * f
-        norms = 2 * h * (2 if self.norm == "layernorm" and self.bias else 1)
-        block = qkv + h * h + mlp + norms
+        h, f, v, b = self.d_model, self.d_ff, self.vocab_size, int(self.bias)
+        qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        n_fc = 2 if self.activation == "swiglu" else 1
+        norm = h * (2 if self.norm == "layernorm" and self.bias else 1)
+        attn = (h + b) * qkv_rows + (h + b) * h
+        mlp = n_fc * (h + b) * f + (f + b) * h
         emb = v * h + (self.max_seq_len * h if self.position == "learned" else 0)
         head = 0 if self.tie_embeddings else v * h
-        return self.n_layers * block + emb + head + h
+        return self.n_layers * (attn + mlp + 2 * norm) + emb + head + norm
 
 
 # Named presets. Vocabulary sizes are padded to a multiple of 64 (as nanoGPT pads GPT-2's

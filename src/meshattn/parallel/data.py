@@ -11,9 +11,19 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import Axis
+
+
+def _counted_allreduce(axis, bucket):
+    """DDP's default bucket all-reduce (average), recorded in the axis's byte counter.
+
+    (No annotations: DDP compares them to dist.GradBucket, and postponed annotations are strings.)
+    """
+    axis.record("all_reduce", "bwd", bucket.buffer())
+    return default_hooks.allreduce_hook(axis.group, bucket)
 
 
 def wrap_data_parallel(module: nn.Module, dp_axis: Axis, bucket_cap_mb: float = 25.0) -> nn.Module:
@@ -21,8 +31,11 @@ def wrap_data_parallel(module: nn.Module, dp_axis: Axis, bucket_cap_mb: float = 
     if dp_axis.size == 1:
         return module
     # No buffers need syncing (rotary tables are recomputed), so skip DDP's per-forward broadcast.
-    return DistributedDataParallel(module, process_group=dp_axis.group, broadcast_buffers=False,
-                                   bucket_cap_mb=bucket_cap_mb)
+    ddp = DistributedDataParallel(module, process_group=dp_axis.group, broadcast_buffers=False,
+                                  bucket_cap_mb=bucket_cap_mb)
+    if dp_axis.counter is not None:
+        ddp.register_comm_hook(dp_axis, _counted_allreduce)
+    return ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:
