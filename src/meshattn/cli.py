@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meshattn: error: {e}", file=sys.stderr)
         return 2
-    print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
-          f"dp={cfg.parallel.dp} tp={cfg.parallel.tp}{' +sp' if cfg.parallel.sequence_parallel else ''}, "
-          f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
+              f"dp={cfg.parallel.dp} tp={cfg.parallel.tp}{' +sp' if cfg.parallel.sequence_parallel else ''}, "
+              f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
     try:
         launch(run_training, cfg.parallel.world_size, args=(cfg.to_dict(), not a.no_progress), env=dict(os.environ),
                backend=a.backend, timeout_s=a.timeout)

@@ -213,9 +213,9 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(tp=2))
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 128
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr: float = 3e-4

@@ -30,9 +30,8 @@ def wrap_data_parallel(module: nn.Module, dp_axis: Axis, bucket_cap_mb: float = 
     """DDP over the dp group; the module itself when dp == 1 (there is nothing to average)."""
     if dp_axis.size == 1:
         return module
-    # No buffers need syncing (rotary tables are recomputed), so skip DDP's per-forward broadcast.
-    ddp = DistributedDataParallel(module, process_group=dp_axis.group, broadcast_buffers=False,
-                                  bucket_cap_mb=bucket_cap_mb)
+    # The model has no buffers (rotary tables are recomputed), so DDP has none to broadcast.
+    ddp = DistributedDataParallel(module, process_group=dp_axis.group, bucket_cap_mb=bucket_cap_mb)
     if dp_axis.counter is not None:
         ddp.register_comm_hook(dp_axis, _counted_allreduce)
     return ddp

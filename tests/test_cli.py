@@ -1,0 +1,70 @@
+"""The command line: the README's demo path end to end (shortened), torchrun, and clean refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshattn import ModelConfig, TrainConfig, Transformer
+
+ROOT = Path(__file__).parents[1]
+SHORT = ["--steps", "6", "--batch-size", "4", "--seq-len", "64", "--sample-tokens", "16"]
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_makefile_demo_runs_meshattn_train():
+    demo = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert demo and "meshattn train" in demo.group(1)
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+
+
+def test_demo_path_trains_samples_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    res = _run([sys.executable, "-m", "meshattn", "train", *SHORT, "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"loss \d+\.\d+ -> \d+\.\d+ over 6 steps", res.stdout), res.stdout
+    assert "sample:" in res.stdout and "train: 100%" in res.stderr  # the progress bar finished
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 6 and metrics["losses"][-1] < metrics["losses"][0]
+    ckpt = torch.load(out / "checkpoint" / "model.pt", weights_only=True)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    assert cfg.parallel.tp == 2 and ckpt["step"] == 6
+    model = Transformer(ModelConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])  # layout-free: loads into the single-device model
+
+
+def test_torchrun_launch(tmp_path):
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "meshattn", "train",
+                "--no-progress", *SHORT, "--out", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(re.findall(r"^loss ", res.stdout, re.M)) == 1  # rank 0 reports, once
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tp", "3"], "n_heads=4 is not divisible by tp=3; legal tp sizes: 1, 2, 4"),
+    (["--batch-size", "3", "--dp", "2"], "batch_size=3 is not divisible by dp*grad_accum=2*1"),
+    (["--seq-len", "4096"], "seq_len=4096 exceeds the model's max_seq_len=256"),
+])
+def test_bad_layout_is_refused_before_launch(args, message):
+    res = _run([sys.executable, "-m", "meshattn", "train", *args], timeout=60)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_missing_data_path_fails_with_rank_named(tmp_path):
+    res = _run([sys.executable, "-m", "meshattn", "train", *SHORT, "--data", str(tmp_path / "nope"),
+                "--out", str(tmp_path)])
+    assert res.returncode == 1
+    assert "no such file or folder" in res.stderr and re.search(r"rank \d failed", res.stderr)
