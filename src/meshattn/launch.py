@@ -35,7 +35,13 @@ def _set_threads(local_world: int) -> None:
 
 def _worker(rank: int, world: int, init_method: str, backend: str | None, timeout_s: float,
             fn: Callable, args: tuple) -> None:
+    """A spawned local worker: all ranks share this machine's cores."""
     _set_threads(world)
+    _init_and_run(rank, world, init_method, backend, timeout_s, fn, args)
+
+
+def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, timeout_s: float,
+                  fn: Callable, args: tuple) -> None:
     init_distributed(rank, world, init_method, backend, timeout_s)
     try:
         fn(*args)
@@ -55,7 +61,8 @@ def launch(fn: Callable, world: int, args: tuple = (), env: dict | None = None, 
         if int(env["WORLD_SIZE"]) != world:
             raise WorkerFailed(f"torchrun started {env['WORLD_SIZE']} processes but the layout needs {world}; "
                                f"use --nproc-per-node/--nnodes with a product of {world}")
-        _worker(int(env["RANK"]), world, "env://", backend, timeout_s, fn, args)
+        _set_threads(int(env.get("LOCAL_WORLD_SIZE", world)))
+        _init_and_run(int(env["RANK"]), world, "env://", backend, timeout_s, fn, args)
         return
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.start_processes(_worker, args=(world, init_method, backend, timeout_s, fn, args), nprocs=world,
