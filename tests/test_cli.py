@@ -67,4 +67,4 @@ def test_missing_data_path_fails_with_rank_named(tmp_path):
     res = _run([sys.executable, "-m", "meshattn", "train", *SHORT, "--data", str(tmp_path / "nope"),
                 "--out", str(tmp_path)])
     assert res.returncode == 1
-    assert "no such file or folder" in res.stderr and re.search(r"rank \d failed", res.stderr)
+    assert "no such file or folder" in res.stderr and re.search(r"rank \d failed first", res.stderr)

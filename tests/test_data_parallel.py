@@ -17,6 +17,10 @@ from parity import assert_close
 
 MODEL = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128, vocab_size=256, max_seq_len=64,
                     norm="rmsnorm", position="rope", activation="swiglu")
+# GPT-2 style with multi-query attention: at tp=4 the one KV head is replicated on every rank and
+# the tied embedding/head weight is counted once in the gradient norm.
+MQA_TIED = ModelConfig(d_model=64, n_heads=4, n_kv_heads=1, n_layers=2, d_ff=128, vocab_size=256, max_seq_len=64,
+                       norm="layernorm", position="learned", activation="gelu", bias=True, tie_embeddings=True)
 
 
 def _corpus() -> Corpus:
@@ -45,8 +49,8 @@ def reference_run(cfg: TrainConfig, corpus: Corpus) -> tuple[list[float], list[f
     return losses, norms
 
 
-def run_both(rank, world, dp, tp, sp, grad_accum, dtype, steps):
-    cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sp), steps=steps,
+def run_both(rank, world, dp, tp, sp, grad_accum, dtype, steps, model=MODEL):
+    cfg = TrainConfig(model=model, parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sp), steps=steps,
                       batch_size=8, seq_len=32, grad_accum=grad_accum, lr=3e-3, warmup=5, dtype=dtype,
                       sample_tokens=0)
     corpus = _corpus()
@@ -81,6 +85,13 @@ def test_twenty_steps_dp2_tp2_follow_the_single_device_curve(pools, dtype, rtol)
 
 def test_grad_accumulation_and_sequence_parallel_follow_the_curve(pools):
     results = pools.run(4, run_both, dp=2, tp=2, sp=True, grad_accum=2, dtype="float64", steps=5)
+    losses, norms, ref_losses, ref_norms = results[0]
+    _assert_curves_close(losses, ref_losses, 5e-15)
+    _assert_curves_close(norms, ref_norms, 2.5e-14)
+
+
+def test_replicated_kv_and_tied_weights_follow_the_curve(pools):
+    results = pools.run(4, run_both, dp=1, tp=4, sp=True, grad_accum=1, dtype="float64", steps=5, model=MQA_TIED)
     losses, norms, ref_losses, ref_norms = results[0]
     _assert_curves_close(losses, ref_losses, 5e-15)
     _assert_curves_close(norms, ref_norms, 2.5e-14)

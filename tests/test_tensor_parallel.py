@@ -22,7 +22,7 @@ MODELS = {
     "gqa-llama": dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=64, max_seq_len=16,
                       norm="rmsnorm", position="rope", activation="swiglu"),
     "mqa": dict(d_model=32, n_heads=4, n_kv_heads=1, n_layers=2, d_ff=64, vocab_size=64, max_seq_len=16,
-                norm="layernorm", position="rope", activation="gelu", bias=True),
+                norm="layernorm", position="rope", activation="swiglu", bias=True),
 }
 # (world, dp, tp, sequence_parallel)
 LAYOUTS = [(1, 1, 1, False), (2, 1, 2, False), (2, 2, 1, False), (2, 1, 2, True),
@@ -31,9 +31,13 @@ B, S = 4, 8
 
 
 def _batch(cfg: ModelConfig, seed: int = 1):
+    """Random ids; the first two targets of every row are ignored (-100), as padding would be.
+    Every row loses the same number, so each dp replica's mean is over equally many tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
+    targets = ids[:, 1:].clone()
+    targets[:, :2] = -100
+    return ids[:, :-1], targets
 
 
 def _capture_block_input(block: torch.nn.Module) -> dict:
@@ -154,3 +158,10 @@ def test_comm_bytes_match_analytic(pools, tp, sp, model):
     bwd_kinds = ["tp/all_gather/bwd", "tp/reduce_scatter/bwd"] if sp else ["tp/all_reduce/bwd"]
     bwd_activation_bytes = sum(measured[0][k][1] for k in bwd_kinds)
     assert bwd_activation_bytes == (2 * cfg.n_layers + 1) * act * (2 if sp else 1)
+    # Replicated KV heads: per layer, the K and V weight (+ bias) slices of one KV head, summed
+    # over the tp/G ranks that hold it.
+    if cfg.n_kv_heads < tp:
+        per_layer = 2 * (cfg.head_dim * cfg.d_model + (cfg.head_dim if cfg.bias else 0)) * 4
+        assert measured[0]["kv/all_reduce/bwd"][1] == cfg.n_layers * per_layer
+    else:
+        assert "kv/all_reduce/bwd" not in measured[0]

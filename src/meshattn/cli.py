@@ -43,11 +43,11 @@ def run_training(cfg_dict: dict, progress: bool) -> None:
     """Body of every rank (module level so spawned workers can import it)."""
     import torch.distributed as dist
 
-    from .mesh import build_mesh
+    from .mesh import build_mesh, device_type
     from .train import train
 
     cfg = TrainConfig.from_dict(cfg_dict)
-    mesh = build_mesh(cfg.parallel, "cuda" if dist.get_backend() == "nccl" else "cpu")
+    mesh = build_mesh(cfg.parallel, device_type(dist.get_backend()))
     result = train(cfg, mesh, progress=progress)
     if dist.get_rank() == 0:
         first, last = result.losses[0], result.losses[-1]

@@ -8,7 +8,8 @@ nothing.
 Byte accounting: for every call the counter records the *payload*, the size of the full tensor
 the collective is about (the reduced tensor of an all-reduce, the gathered output of an
 all-gather, the unscattered input of a reduce-scatter, the exchanged tensor of an all-to-all),
-keyed by (axis, kind, phase). `wire_bytes` converts payloads to per-rank ring traffic.
+keyed by (axis, kind, phase). Phases: "fwd" and "bwd" for the model's forward and backward,
+"step" for the optimizer step and metrics. `wire_bytes` converts payloads to per-rank ring traffic.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _WIRE_FACTOR = {
 
 @dataclass
 class CommCounter:
-    """Calls and payload bytes per (axis, kind, phase); phase is "fwd" or "bwd"."""
+    """Calls and payload bytes per (axis, kind, phase); phase is "fwd", "bwd" or "step"."""
 
     calls: collections.Counter = field(default_factory=collections.Counter)
     nbytes: collections.Counter = field(default_factory=collections.Counter)

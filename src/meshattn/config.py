@@ -227,7 +227,6 @@ class TrainConfig:
     data: str | None = None
     out: str = "runs/default"
     sample_tokens: int = 200
-    log_every: int = 1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -238,6 +237,9 @@ class TrainConfig:
                 f"seq_len={self.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}; "
                 f"lower --seq-len or raise max_seq_len"
             )
+        if self.model.vocab_size < 256:
+            raise ConfigError(f"vocab_size={self.model.vocab_size} cannot hold the byte-level tokens (0..255) of the "
+                              "training text; use vocab_size >= 256")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or float64")
         self.parallel.check_model(self.model)

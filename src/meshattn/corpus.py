@@ -65,6 +65,14 @@ class Corpus:
         n_val = max(int(len(data) * val_fraction), 1)
         return cls(train=data[:-n_val], val=data[-n_val:])
 
+    def check(self, seq_len: int) -> None:
+        """Refuse, before training, a text too short for seq_len in either split."""
+        for split, data in (("train", self.train), ("validation", self.val)):
+            if len(data) <= seq_len + 1:
+                raise ValueError(f"the {split} split has {len(data)} bytes, not more than seq_len+1={seq_len + 1} "
+                                 f"(it is {'95' if split == 'train' else '5'}% of the text); give more text or "
+                                 "a shorter --seq-len")
+
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int, split: str = "train"):
         """Global batch for `step`: ids and next-token targets, each (batch_size, seq_len) int64."""
         data = self.train if split == "train" else self.val

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .comm import CommCounter, all_gather_raw, all_reduce_
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .corpus import Corpus, decode, encode
+from .mesh import current_device
 from .model import Transformer
 from .parallel import ParallelModel, gather_state_dict, local_batch, parallelize
 
@@ -29,8 +30,29 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def build_model(cfg: TrainConfig, mesh: DeviceMesh, counter: CommCounter | None = None) -> ParallelModel:
     """Every rank builds the same seeded reference model and keeps its own slices of it."""
     torch.manual_seed(cfg.seed)
-    ref = Transformer(cfg.model).to(DTYPES[cfg.dtype])
+    ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
     return parallelize(ref, mesh, cfg.parallel, counter)
+
+
+def check_same_config(cfg: TrainConfig) -> None:
+    """Every rank must run the same configuration: compare fingerprints with one small collective
+    before any training collective, and name the fields that differ."""
+    mine = (cfg.fingerprint(), cfg.to_dict())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    odd = [r for r, (fp, _) in enumerate(everyone) if fp != everyone[0][0]]
+    if odd:
+        first, other = _flatten(everyone[0][1]), _flatten(everyone[odd[0]][1])
+        fields = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        raise ConfigError(f"ranks disagree on the configuration: rank(s) {odd} differ from rank 0 in "
+                          + ", ".join(f"{k} ({first.get(k)!r} vs {other.get(k)!r})" for k in fields))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -57,15 +79,14 @@ def grad_norm(model: ParallelModel) -> torch.Tensor:
     each rank weights its local sum of squares by parts/tp before the sum over tp.
     """
     tp = model.axes.tp
-    seen, total = set(), None
+    total = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)  # (1,)
+    seen = set()
     for name, p in model.tp_model.named_parameters(remove_duplicate=False):
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
-        sq = p.grad.double().pow(2).sum() * (model.shards[name].parts / tp.size)
-        total = sq if total is None else total + sq
-    total = total.reshape(1)
-    return all_reduce_(total, tp, "grad_norm").sqrt()[0]
+        total += p.grad.double().pow(2).sum() * (model.shards[name].parts / tp.size)
+    return all_reduce_(total, tp, "step").sqrt()[0]  # (1,) summed over tp
 
 
 def clip_grads(model: ParallelModel, max_norm: float) -> torch.Tensor:
@@ -82,12 +103,12 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
                cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
     ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
-    dp = model.axes.dp
-    ids, targets = local_batch(ids, dp), local_batch(targets, dp)  # (B/dp, S)
+    dp, device = model.axes.dp, next(model.parameters()).device
+    ids, targets = local_batch(ids, dp).to(device), local_batch(targets, dp).to(device)  # (B/dp, S)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     micro_ids, micro_targets = ids.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)
     for i, (x, y) in enumerate(zip(micro_ids, micro_targets)):
         with model.no_sync(skip=i < cfg.grad_accum - 1):
@@ -96,7 +117,7 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
         loss_sum += loss.detach().double()
     norm = clip_grads(model, cfg.grad_clip)
     opt.step()
-    mean = all_reduce_(loss_sum / (cfg.grad_accum * dp.size), dp, "metrics")
+    mean = all_reduce_(loss_sum / (cfg.grad_accum * dp.size), dp, "step")  # (1,) mean over dp
     return mean.item(), norm.item()
 
 
@@ -109,19 +130,22 @@ def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: floa
     tp_model.eval()
     plain_tp = type(tp)(tp.name, tp.group, tp.size, tp.rank, None)  # not training traffic
     gen = torch.Generator().manual_seed(seed)
+    device = next(tp_model.parameters()).device
     ids = encode(prompt)
-    max_len = tp_model.cfg.max_seq_len
+    # Sequence parallelism needs a length divisible by tp: keep a context that, padded on the
+    # right (which causal attention cannot see from the last real position), fits max_seq_len.
+    max_ctx = tp_model.cfg.max_seq_len // tp.size * tp.size
     for _ in range(n_tokens):
-        ctx = ids[-max_len:]
+        ctx = ids[-max_ctx:]
         n = len(ctx)
-        # Sequence parallelism needs a length divisible by tp: pad on the right, which causal
-        # attention cannot see from position n-1.
-        padded = torch.nn.functional.pad(ctx, (0, (-n) % tp.size))
-        padded = padded[:max_len] if len(padded) > max_len else padded
-        logits, _ = tp_model(padded[None].to(next(tp_model.parameters()).device))
+        padded = torch.nn.functional.pad(ctx, (0, (-n) % tp.size))  # (n rounded up to tp,)
+        logits, _ = tp_model(padded[None].to(device))  # (1, n', V/tp)
         last = logits[0, n - 1].float()  # (V/tp,)
-        full = all_gather_raw(last, 0, plain_tp, "fwd") if tp.size > 1 else last  # (V,)
-        top = torch.topk(full / temperature, top_k)
+        full = (all_gather_raw(last, 0, plain_tp, "fwd") if tp.size > 1 else last).cpu()  # (V,)
+        if temperature <= 0:  # greedy
+            ids = torch.cat([ids, full.argmax().reshape(1)])
+            continue
+        top = torch.topk(full / temperature, min(top_k, full.numel()))
         probs = torch.softmax(top.values, dim=-1)
         ids = torch.cat([ids, top.indices[torch.multinomial(probs, 1, generator=gen)]])
     tp_model.train()
@@ -146,13 +170,15 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: int = 4) -> float:
     model.eval()
-    total = torch.zeros(1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    total = torch.zeros(1, dtype=torch.float64, device=device)
     for i in range(batches):
         ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
-        _, loss = model.tp_model(local_batch(ids, model.axes.dp), local_batch(targets, model.axes.dp))
+        dp = model.axes.dp
+        _, loss = model.tp_model(local_batch(ids, dp).to(device), local_batch(targets, dp).to(device))
         total += loss.double()
     model.train()
-    return all_reduce_(total / (batches * model.axes.dp.size), model.axes.dp, "metrics").item()
+    return all_reduce_(total / (batches * model.axes.dp.size), model.axes.dp, "step").item()  # (1,) mean over dp
 
 
 def save_checkpoint(model: ParallelModel, cfg: TrainConfig, step: int, out: Path) -> Path | None:
@@ -172,7 +198,9 @@ def save_checkpoint(model: ParallelModel, cfg: TrainConfig, step: int, out: Path
 def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str = "def ") -> TrainResult:
     """Train from scratch on every rank; rank 0 shows a progress bar and writes the outputs."""
     rank0 = dist.get_rank() == 0
+    check_same_config(cfg)
     corpus = Corpus.from_path(cfg.data)
+    corpus.check(cfg.seq_len)
     model = build_model(cfg, mesh)
     opt = make_optimizer(model, cfg)
     result = TrainResult()

@@ -175,11 +175,15 @@ class VocabParallelEmbedding(ShardedModule):
         self.region = region
         self.vocab_start = region.axis.rank * (cfg.vocab_size // tp)
         self.vocab_end = self.vocab_start + cfg.vocab_size // tp
+        self.vocab_size = cfg.vocab_size
         self.declare("weight", Shard("tok_emb.weight", (cfg.vocab_size, cfg.d_model), 0, tp))
         learned = cfg.position == "learned"
         self.declare("pos_weight", Shard("pos_emb.weight", (cfg.max_seq_len, cfg.d_model)) if learned else None)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            # Out-of-range ids would fall outside every shard and embed as zeros, silently.
+            raise IndexError(f"token ids must lie in [0, {self.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, S)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
@@ -202,39 +206,45 @@ class VocabParallelHead(ShardedModule):
         return F.linear(x, self.weight)
 
 
+IGNORE_INDEX = -100  # as in F.cross_entropy: targets equal to it do not count
+
+
 class _VocabParallelCrossEntropy(Function):
     """Mean cross-entropy of vocab-sharded logits (N, V/tp) against global target ids (N,).
 
     Forward: all-reduce(max) of each row's max, all-reduce(sum) of the shifted exp-sums, and
     all-reduce(sum) of the target logit (zero where this rank does not own the target).
-    Backward: (softmax - onehot) / N on the local columns; no communication.
+    Backward: (softmax - onehot) / n_valid on the local columns; no communication. Rows whose
+    target is IGNORE_INDEX contribute neither loss nor gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, axis):
+        valid = targets != IGNORE_INDEX  # (N,)
+        weight = valid.to(logits.dtype) / valid.sum().clamp(min=1).to(logits.dtype)  # (N,) 1/n_valid or 0
         row_max = logits.max(dim=-1).values  # (N,)
-        all_reduce_(row_max, axis, "fwd", op=torch.distributed.ReduceOp.MAX)
+        all_reduce_(row_max, axis, "fwd", op=torch.distributed.ReduceOp.MAX)  # (N,) max over tp
         shifted = logits - row_max[:, None]  # (N, V/tp)
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)  # (N,)
-        all_reduce_(sum_exp, axis, "fwd")
+        all_reduce_(sum_exp, axis, "fwd")  # (N,) summed over tp
         local_t = targets - vocab_start
-        owned = (local_t >= 0) & (local_t < logits.shape[-1])  # (N,)
+        owned = (local_t >= 0) & (local_t < logits.shape[-1]) & valid  # (N,)
         local_t = local_t.masked_fill(~owned, 0)
         target_logit = shifted.gather(1, local_t[:, None]).squeeze(1).masked_fill(~owned, 0.0)  # (N,)
-        all_reduce_(target_logit, axis, "fwd")
-        loss = (sum_exp.log() - target_logit).mean()
-        exp.div_(sum_exp[:, None])  # softmax, in place
-        ctx.save_for_backward(exp, local_t, owned)
+        all_reduce_(target_logit, axis, "fwd")  # (N,) from the one rank that owns each target
+        loss = ((sum_exp.log() - target_logit) * weight).sum()
+        exp.div_(sum_exp[:, None]).mul_(weight[:, None])  # softmax * weight, in place
+        ctx.save_for_backward(exp, local_t, owned, weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_t, owned = ctx.saved_tensors
-        g = softmax.clone()
+        weighted_softmax, local_t, owned, weight = ctx.saved_tensors
+        g = weighted_softmax.clone()  # (N, V/tp)
         rows = torch.arange(g.shape[0], device=g.device)
-        g[rows, local_t] -= owned.to(g.dtype)
-        return g.mul_(grad / g.shape[0]), None, None, None
+        g[rows, local_t] -= owned.to(g.dtype) * weight
+        return g.mul_(grad), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
