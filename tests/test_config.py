@@ -57,7 +57,11 @@ def test_model_config_errors(kwargs, pattern):
 
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(tp=0), r"tp=0 must be a positive integer"),
-    (dict(cp=2), r"context parallelism is not available yet"),
+    (dict(cp_impl="striped"), r"cp_impl='striped' is unknown"),
+    (dict(cp_layout="striped"), r"cp_layout='striped' is unknown"),
+    (dict(cp=4, cp_impl="hybrid"), r"cp_impl='hybrid' needs ulysses_size dividing cp=4; legal: 1, 2, 4"),
+    (dict(cp=4, cp_impl="hybrid", ulysses_size=3), r"needs ulysses_size dividing cp=4"),
+    (dict(cp=4, ulysses_size=2), r"ulysses_size is only used by cp_impl='hybrid'"),
 ])
 def test_parallel_config_errors(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -74,6 +78,11 @@ def test_vocab_not_divisible_names_padding():
     (dict(seq_len=1000), r"seq_len=1000 exceeds the model's max_seq_len=256"),
     (dict(seq_len=127, parallel=ParallelConfig(tp=2, sequence_parallel=True)), r"use seq_len=128"),
     (dict(parallel=ParallelConfig(tp=8)), r"n_heads=4 is not divisible by tp=8; legal tp sizes: 1, 2, 4"),
+    (dict(seq_len=100, parallel=ParallelConfig(cp=4)), r"seq_len=100 must be a multiple of 8 \(cp=4 with the zigzag layout"),
+    (dict(seq_len=36, parallel=ParallelConfig(cp=2, tp=2, sequence_parallel=True)),
+     r"must be a multiple of 8 .*sequence parallelism splits each over tp=2\); use seq_len=40"),
+    (dict(parallel=ParallelConfig(cp=4, tp=2, cp_impl="ulysses")),
+     r"splits each tp rank's 2 query and 1 KV heads over cp=4.*legal cp: 1, 2"),
 ])
 def test_train_config_validates_the_whole_combination(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -86,6 +86,14 @@ class Axis:
         return cls(name, sub.get_group(), sub.size(), sub.get_local_rank(), counter)
 
     @classmethod
+    def from_group(cls, group, name: str) -> Axis:
+        """An Axis from an Axis (returned as is), a ProcessGroup, or None (the default group)."""
+        if isinstance(group, Axis):
+            return group
+        group = group if group is not None else dist.group.WORLD
+        return cls(name, group, dist.get_world_size(group), dist.get_rank(group), None)
+
+    @classmethod
     def single(cls, name: str = "none") -> Axis:
         return cls(name, None, 1, 0, None)
 

@@ -26,6 +26,8 @@ def _legal(values: list[int]) -> str:
 
 
 NORMS = ("layernorm", "rmsnorm")
+CP_IMPLS = ("allgather", "ring", "ulysses", "hybrid")
+CP_LAYOUTS = ("contiguous", "zigzag")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -131,21 +133,34 @@ class ParallelConfig:
 
     tp splits attention heads and MLP columns (Megatron style); sequence_parallel additionally
     shards the activations between blocks (norms, residual) over tp along the sequence.
-    cp is the context-parallel axis; it must be 1 until context parallelism lands.
+    cp splits the sequence: cp_impl chooses how attention crosses the split (allgather, ring,
+    ulysses, hybrid = ulysses inside groups of ulysses_size ranks, ring across them) and cp_layout
+    which chunks each rank holds (contiguous, or zigzag for causal load balance).
     """
 
     dp: int = 1
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
+    cp_impl: str = "ring"
+    cp_layout: str = "zigzag"
+    ulysses_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.cp != 1:
-            raise ConfigError(f"cp={self.cp}: context parallelism is not available yet; use cp=1")
+        if self.cp_impl not in CP_IMPLS:
+            raise ConfigError(f"cp_impl={self.cp_impl!r} is unknown; choose one of {CP_IMPLS}")
+        if self.cp_layout not in CP_LAYOUTS:
+            raise ConfigError(f"cp_layout={self.cp_layout!r} is unknown; choose one of {CP_LAYOUTS}")
+        if self.cp_impl == "hybrid":
+            if self.ulysses_size is None or self.ulysses_size < 1 or self.cp % self.ulysses_size:
+                raise ConfigError(f"cp_impl='hybrid' needs ulysses_size dividing cp={self.cp}; legal: "
+                                  f"{_legal(divisors(self.cp))}")
+        elif self.ulysses_size is not None:
+            raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
 
     @property
     def world_size(self) -> int:
@@ -173,6 +188,15 @@ class ParallelConfig:
                 f"n_kv_heads={model.n_kv_heads} is neither a multiple nor a divisor of tp={tp}, so KV "
                 f"heads can be neither split nor replicated evenly; legal tp sizes: {_legal(legal)}"
             )
+        heads_local, kv_local = model.n_heads // tp, max(model.n_kv_heads // tp, 1)
+        group = {"ulysses": self.cp, "hybrid": self.ulysses_size}.get(self.cp_impl) if self.cp > 1 else None
+        if group and (heads_local % group or (kv_local % group and group % kv_local)):
+            what = "cp" if self.cp_impl == "ulysses" else "ulysses_size"
+            raise ConfigError(
+                f"cp_impl={self.cp_impl!r} splits each tp rank's {heads_local} query and {kv_local} KV heads over "
+                f"{what}={group}: query heads must divide evenly and KV heads must divide or be divided by it; "
+                f"legal {what}: {_legal([g for g in divisors(heads_local) if kv_local % g == 0 or g % kv_local == 0])}"
+                f" (or use cp_impl='ring' or 'allgather', which do not split heads)")
         if model.d_ff % tp:
             raise ConfigError(
                 f"d_ff={model.d_ff} is not divisible by tp={tp}; legal tp sizes: "
@@ -187,15 +211,18 @@ class ParallelConfig:
             )
 
     def check_batch(self, batch_size: int, seq_len: int, grad_accum: int = 1) -> None:
+        chunks = self.cp * (2 if self.cp_layout == "zigzag" else 1) if self.cp > 1 else 1
+        unit = chunks * (self.tp if self.sequence_parallel else 1)
+        if seq_len % unit:
+            why = f"cp={self.cp} with the {self.cp_layout} layout cuts it into {chunks} chunks" if self.cp > 1 else ""
+            if self.sequence_parallel and self.tp > 1:
+                why += (" and " if why else "") + f"sequence parallelism splits each over tp={self.tp}"
+            raise ConfigError(f"seq_len={seq_len} must be a multiple of {unit} ({why}); use seq_len="
+                              f"{-(-seq_len // unit) * unit}")
         if batch_size % (self.dp * grad_accum):
             raise ConfigError(
                 f"batch_size={batch_size} is not divisible by dp*grad_accum={self.dp}*{grad_accum}; "
                 f"use a batch size that is a multiple of {self.dp * grad_accum}"
-            )
-        if self.sequence_parallel and seq_len % self.tp:
-            raise ConfigError(
-                f"sequence_parallel needs seq_len divisible by tp: seq_len={seq_len}, tp={self.tp}; "
-                f"use seq_len={-(-seq_len // self.tp) * self.tp} or turn sequence_parallel off"
             )
 
 

@@ -1,0 +1,129 @@
+"""Local attention blocks that return the log-sum-exp, their backward, and the one merge helper.
+
+Everything context parallelism computes is built from one operation: attend a block of queries
+to a block of keys, either fully or causally on the diagonal, and return the output together with
+the log-sum-exp (lse) of each query row's scores. Partial results over disjoint key sets are then
+combined exactly by `merge_`. The backward of a block, given the *global* output and lse of its
+query rows, yields that block's exact share of dq and its dk, dv.
+
+Kernels: on CPU the fused flash kernel `_scaled_dot_product_flash_attention_for_cpu` (and its
+backward), which returns the lse; elsewhere, or with kernel="math", an explicit fp32
+implementation that is exact to rounding. Grouped KV heads are repeated for the kernel and their
+gradients summed back.
+
+Shapes: q (B, H, Sq, D); k, v (B, G, Sk, D) with H % G == 0; lse (B, H, Sq) in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KERNELS = ("auto", "flash", "math")
+
+
+def _repeat_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)  # (B, G, S, D) -> (B, H, S, D)
+
+
+def _sum_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return t
+    B, H, S, D = t.shape
+    return t.view(B, H // n_rep, n_rep, S, D).sum(dim=2)  # (B, H, S, D) -> (B, G, S, D)
+
+
+def pick_kernel(kernel: str, q: torch.Tensor) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown; choose one of {KERNELS}")
+    if kernel == "auto":
+        return "flash" if q.device.type == "cpu" else "math"
+    if kernel == "flash" and q.device.type != "cpu":
+        raise ValueError("kernel='flash' is the CPU fused kernel; on other devices use kernel='math' or 'auto'")
+    return kernel
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    f = _acc_dtype(q)
+    s = (q.to(f) @ k.to(f).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, causal, scale):
+    s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq)
+    out = torch.exp(s - lse[..., None]) @ v.to(s.dtype)  # (B, H, Sq, D)
+    return out.to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    s = _scores(q, k, causal, scale)
+    f = s.dtype
+    p = torch.exp(s - lse.to(f)[..., None])  # (B, H, Sq, Sk), globally normalised
+    dof = dout.to(f)
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ v.to(f).transpose(-1, -2)
+    delta = (dof * out.to(f)).sum(dim=-1, keepdim=True)  # rowsum(dout * out) of the global output
+    ds = p * (dp - delta)
+    return (ds @ k.to(f) * scale).to(q.dtype), (ds.transpose(-1, -2) @ q.to(f) * scale).to(k.dtype), dv.to(v.dtype)
+
+
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q to k/v (causal: square block on the diagonal) -> (out in q's dtype, lse fp32).
+
+    float64 inputs keep a float64 lse, so float64 runs stay exact to ~1e-15.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if pick_kernel(kernel, q) == "flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    else:
+        out, lse = _math_forward(q, k, v, causal, scale)
+    return out, lse if q.dtype == torch.float64 else lse.float()
+
+
+def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, scale: float, kernel: str = "auto"):
+    """dq, dk, dv of one block, given the global out and lse of its query rows."""
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if pick_kernel(kernel, q) == "flash":
+        # The CPU kernel wants out and dout in the inputs' dtype and a contiguous layout.
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.to(q.dtype).contiguous(), q, ke, ve, out.to(q.dtype).contiguous(), lse.contiguous(), 0.0, causal,
+            scale=scale)
+    else:
+        dq, dk, dv = _math_backward(dout, q, ke, ve, out, lse, causal, scale)
+    return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one partial result into a running one, in place (out, lse are the fp32 accumulators).
+
+    Softmax over the union of two disjoint key sets A and B, per query row:
+        lse   = log(exp(lse_A) + exp(lse_B))
+        out   = exp(lse_A - lse) * out_A + exp(lse_B - lse) * out_B
+    since out_X = sum_{j in X} exp(s_j - lse_X) v_j. A row that has seen no key yet has
+    lse = -inf and out = 0; where both sides are -inf the weights would be exp(-inf + inf) = nan,
+    so those rows keep lse = -inf and out = 0.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)  # (B, H, S)
+    seen = torch.isfinite(new_lse)
+    safe = torch.where(seen, new_lse, torch.zeros_like(new_lse))
+    w_old = torch.where(seen, torch.exp(lse - safe), torch.zeros_like(lse))[..., None]
+    w_new = torch.where(seen, torch.exp(block_lse - safe), torch.zeros_like(lse))[..., None]
+    out.mul_(w_old).add_(w_new * block_out.to(out.dtype))
+    lse.copy_(new_lse)
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale

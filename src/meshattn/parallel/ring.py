@@ -1,0 +1,98 @@
+"""Ring attention: K/V blocks travel around the ring; partial results merge by log-sum-exp.
+
+Forward, p steps: at step s rank r holds the K/V of ring rank (r - s) mod p. Before computing on
+it, the rank posts the send of that block to r+1 and the receive of the next one from r-1, so the
+transfer runs while the block is computed. p-1 transfers of the local K and V per rank.
+
+Backward: the merged output and lse were saved. The same rotation replays every block with the
+fused attention backward, which given the global out and lse gives this rank's exact share of dq
+(accumulated locally) and the block's dk, dv. dk/dv accumulators travel with their blocks: at
+step s the accumulator of block (r - s) arrives from r-1 while this rank computes its own share
+into a fresh buffer; the sum is sent on to r+1. After p steps every accumulator is back at its
+owner: p-1 K/V transfers and p dK/dV transfers per rank. The S x S matrix is never held.
+
+`chunk_table[j]` lists the global chunk ids held by ring rank j (one rank's layout chunks, or a
+whole Ulysses group's in the hybrid), so the chunk-level causal rule decides every block pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+from ..comm import Axis
+from .blocks import acc_dtype, attend_chunks, attend_chunks_backward, empty_accumulators
+
+_KV_TAG, _DKV_TAG = 17, 18
+
+
+class _Exchange:
+    """One ring hop: send `tensor` to the next rank, receive a same-shaped one from the previous.
+
+    Posted at construction, completed by `wait()`; a second wait is a bug and raises."""
+
+    def __init__(self, tensor: torch.Tensor, axis: Axis, tag: int, phase: str):
+        self.send, self.recv = tensor, torch.empty_like(tensor)  # both stay alive until wait()
+        nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
+        prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
+        axis.record("send_recv", phase, tensor)
+        self.works = [dist.isend(tensor, nxt, group=axis.group, tag=tag),
+                      dist.irecv(self.recv, prv, group=axis.group, tag=tag)]
+
+    def wait(self) -> torch.Tensor:
+        if self.works is None:
+            raise RuntimeError("ring exchange waited twice")
+        for w in self.works:
+            w.wait()
+        self.works = None
+        return self.recv
+
+
+class _RingAttention(Function):
+    @staticmethod
+    def forward(ctx, q, k, v, axis, chunk_table, causal, scale, kernel):
+        r, p = axis.rank, axis.size
+        out, lse = empty_accumulators(q)  # (B, H, Sq, D), (B, H, Sq)
+        kv = torch.stack([k, v]).contiguous()  # (2, B, G, Sk, D): one message per hop
+        for step in range(p):
+            hop = _Exchange(kv, axis, _KV_TAG, "fwd") if step < p - 1 else None
+            attend_chunks(q, chunk_table[r], kv[0], kv[1], chunk_table[(r - step) % p], causal, scale, kernel,
+                          out, lse)
+            if hop is not None:
+                kv = hop.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (axis, chunk_table, causal, scale, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        axis, chunk_table, causal, scale, kernel = ctx.args
+        r, p = axis.rank, axis.size
+        dq = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
+        kv = torch.stack([k, v]).contiguous()  # (2, B, G, Sk, D)
+        incoming = None  # the dk/dv accumulator of the block in hand, on its way from r-1
+        for step in range(p):
+            hop = _Exchange(kv, axis, _KV_TAG, "bwd") if step < p - 1 else None
+            dk, dv = attend_chunks_backward(dout, q, chunk_table[r], kv[0], kv[1], chunk_table[(r - step) % p],
+                                            out, lse, causal, scale, kernel, dq)
+            acc = torch.stack([dk, dv])  # (2, B, G, Sk, D) fp32
+            if incoming is not None:
+                acc += incoming.wait()
+            incoming = _Exchange(acc, axis, _DKV_TAG, "bwd")
+            if hop is not None:
+                kv = hop.wait()
+        dkv = incoming.wait()  # our own block's accumulator, home after p hops
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(q, k, v, axis: Axis, chunk_table: list[list[int]], causal: bool, scale: float,
+                   kernel: str) -> torch.Tensor:
+    """q (B, H, Sq, D), k and v (B, G, Sk, D): this rank's chunks -> out (B, H, Sq, D)."""
+    if axis.size == 1:
+        from .blocks import ChunkAttention
+
+        return ChunkAttention.apply(q, k, v, chunk_table[0], chunk_table[0], causal, scale, kernel)
+    return _RingAttention.apply(q, k, v, axis, chunk_table, causal, scale, kernel)

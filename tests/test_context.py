@@ -1,0 +1,174 @@
+"""Context-parallel attention == single-device SDPA, forward and backward, for every impl and layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distributed import mesh_for
+from meshattn import CommCounter, ParallelConfig, context_attention, context_group, shard_sequence, unshard_sequence
+from meshattn.comm import Axis
+from meshattn.parallel.layout import causal_work, imbalance
+from parity import assert_close
+
+# (B, H, G, S, D): MHA, GQA, MQA; an odd head dim with batch 1.
+SHAPES = [(2, 4, 4, 32, 8), (2, 4, 2, 32, 8), (1, 4, 1, 32, 5)]
+
+
+def _global(shape, dtype, seed=0):
+    B, H, G, S, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, G, S, D, generator=g, dtype=dtype) for _ in range(2))
+    dout = torch.randn(B, H, S, D, generator=g, dtype=dtype)
+    return q, k, v, dout
+
+
+def _reference(q, k, v, dout, causal):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _group(impl, world, ulysses_size, counter=None):
+    if impl == "hybrid":
+        return context_group(mesh_for(ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)),
+                             "cp", ulysses_size, counter)
+    return Axis("cp", dist.group.WORLD, world, dist.get_rank(), counter)
+
+
+def check_impl(rank, world, impl, ulysses_size=None, dtypes=("float32", "float64")):
+    group = _group(impl, world, ulysses_size)
+    checked = 0
+    for dtype in dtypes:
+        for shape in SHAPES:
+            for layout in ("contiguous", "zigzag"):
+                for causal in (True, False):
+                    q, k, v, dout = _global(shape, getattr(torch, dtype), seed=checked)
+                    ref = _reference(q, k, v, dout, causal)
+                    local = [shard_sequence(t, group.axis if impl == "hybrid" else group, 2, layout).requires_grad_()
+                             for t in (q, k, v)]
+                    out = context_attention(*local, group, impl=impl, layout=layout, causal=causal,
+                                            ulysses_size=ulysses_size)
+                    out.backward(shard_sequence(dout, Axis("cp", None, world, rank), 2, layout))
+                    tag = f"{impl} {layout} causal={causal} {dtype} {shape}"
+                    shard = lambda t: shard_sequence(t, Axis("cp", None, world, rank), 2, layout)  # noqa: E731
+                    assert_close(out.detach(), shard(ref[0]), f"out {tag}")
+                    for name, t, g in zip("qkv", local, ref[1:]):
+                        assert_close(t.grad, shard(g), f"d{name} {tag}")
+                    checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("impl", ["allgather", "ring", "ulysses"])
+def test_context_attention_equals_sdpa(pools, impl, world):
+    assert pools.run(world, check_impl, impl=impl) == [2 * len(SHAPES) * 4] * world
+
+
+@pytest.mark.parametrize("world,ulysses_size", [(4, 2), (8, 2), (8, 4)])
+def test_hybrid_equals_sdpa(pools, world, ulysses_size):
+    # MQA/GQA heads replicate within the Ulysses groups; fp64 only at world 8 to bound run time.
+    dtypes = ("float32", "float64") if world == 4 else ("float64",)
+    counts = pools.run(world, check_impl, impl="hybrid", ulysses_size=ulysses_size, dtypes=dtypes)
+    assert counts == [len(dtypes) * len(SHAPES) * 4] * world
+
+
+def measure(rank, world, impl, layout):
+    counter = CommCounter()
+    group = _group(impl, world, None, counter)
+    B, H, G, S, D = 2, 4, 2, 32, 8
+    q, k, v, dout = _global((B, H, G, S, D), torch.float32)
+    local = [shard_sequence(t, group, 2, layout).requires_grad_() for t in (q, k, v)]
+    out = context_attention(*local, group, impl=impl, layout=layout)
+    out.backward(shard_sequence(dout, group, 2, layout))
+    return {f"{k[1]}/{k[2]}": (counter.calls[k], b) for k, b in counter.nbytes.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("impl", ["allgather", "ring", "ulysses"])
+def test_communication_volume_is_exact(pools, impl, layout):
+    p, (B, H, G, S, D) = 4, (2, 4, 2, 32, 8)
+    measured = pools.run(p, measure, impl=impl, layout=layout)
+    assert all(m == measured[0] for m in measured)
+    local_kv = B * G * (S // p) * D * 4  # one rank's K (or V), fp32 bytes
+    local_q = B * H * (S // p) * D * 4
+    if impl == "ring":
+        # forward: p-1 hops of the stacked local K and V; backward: p-1 K/V hops and p dK/dV hops.
+        expected = {"send_recv/fwd": (p - 1, (p - 1) * 2 * local_kv),
+                    "send_recv/bwd": (2 * p - 1, (p - 1) * 2 * local_kv + p * 2 * local_kv)}
+    elif impl == "allgather":
+        # K and V gathered once (payload: the gathered tensor); dK, dV reduce-scattered once.
+        expected = {"all_gather/fwd": (2, 2 * p * local_kv), "reduce_scatter/bwd": (2, 2 * p * local_kv)}
+    else:
+        # q, k, v and out each cross once forward and once backward; G=2 < p=4: K/V heads are
+        # repeated to 4 before the exchange, so they move as much as q.
+        expected = {"all_to_all/fwd": (4, 4 * local_q), "all_to_all/bwd": (4, 4 * local_q)}
+    assert measured[0] == expected
+
+
+def roundtrip(rank, world, layout):
+    x = torch.arange(2 * 24 * 3, dtype=torch.float64).reshape(2, 24, 3)
+    local = shard_sequence(x, None, dim=1, layout=layout)
+    assert torch.equal(unshard_sequence(local, None, dim=1, layout=layout), x)
+    return local[0, :, 0].tolist()
+
+
+def test_shard_and_unshard(pools):
+    parts = pools.run(4, roundtrip, layout="zigzag")
+    c = 3  # 24 tokens in 8 chunks
+    assert parts[0] == [float(3 * i) for i in list(range(0, c)) + list(range(7 * c, 8 * c))]
+    parts = pools.run(4, roundtrip, layout="contiguous")
+    assert parts[3] == [float(3 * i) for i in range(18, 24)]
+
+
+def bad_inputs(rank, world):
+    g = Axis("cp", dist.group.WORLD, world, rank)
+    q = torch.randn(1, 4, 6, 8)
+    cases = {
+        "seq": lambda: context_attention(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), g),
+        "heads": lambda: context_attention(torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8),
+                                           g, impl="ulysses"),
+        "shape": lambda: context_attention(q, torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), g),
+        "dtype": lambda: context_attention(q, q.double(), q, g),
+        "mask": lambda: context_attention(q, q, q, g, attn_mask=torch.ones(6, 6, dtype=torch.bool)),
+        "hybrid": lambda: context_attention(q, q, q, g, impl="hybrid", ulysses_size=2),
+        "impl": lambda: context_attention(q, q, q, g, impl="striped"),
+    }
+    messages = {}
+    for name, call in cases.items():
+        try:
+            call()
+        except ValueError as e:
+            messages[name] = str(e)
+    t = torch.ones(1)
+    dist.all_reduce(t)  # still in lockstep: nothing was sent before the errors
+    assert t.item() == world
+    return messages
+
+
+def test_bad_input_is_refused_on_every_rank_before_communicating(pools):
+    msgs = pools.run(2, bad_inputs)
+    assert msgs[0] == msgs[1] and set(msgs[0]) == {"seq", "heads", "shape", "dtype", "mask", "hybrid", "impl"}
+    m = msgs[0]
+    assert "local sequence length 3 is not divisible by 2" in m["seq"] and "multiple of 4" in m["seq"]
+    assert "n_heads=3 is not divisible by 2; legal group sizes: 1, 3" in m["heads"]
+    assert "must agree in batch, local sequence length and head dim" in m["shape"]
+    assert "dtypes differ" in m["dtype"]
+    assert "will not be approximated" in m["mask"]
+    assert "context_group(mesh, 'cp', ulysses_size=...)" in m["hybrid"]
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_zigzag_balances_causal_work(p):
+    zig = causal_work("zigzag", p, seq_len=64 * p, heads=8, head_dim=64)
+    contiguous = causal_work("contiguous", p, seq_len=64 * p, heads=8, head_dim=64)
+    assert imbalance(zig) == pytest.approx(1.0)
+    assert sum(zig) == pytest.approx(sum(contiguous))  # same total work, spread differently
+    assert imbalance(contiguous) == pytest.approx(max(contiguous) * p / sum(contiguous))
+    assert imbalance(contiguous) > 1.5 if p >= 4 else imbalance(contiguous) > 1.3
+    assert imbalance(causal_work("contiguous", p, 64 * p, causal=False)) == 1.0
