@@ -45,6 +45,13 @@ def test_demo_path_trains_samples_and_checkpoints(tmp_path):
     model.load_state_dict(ckpt["model"])  # layout-free: loads into the single-device model
 
 
+def test_context_parallel_training_command(tmp_path):
+    res = _run([sys.executable, "-m", "meshattn", "train", "--cp", "2", "--tp", "1", "--cp-impl", "ring",
+                "--no-progress", *SHORT, "--out", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cp=2 ring zigzag" in res.stdout and re.search(r"^loss ", res.stdout, re.M)
+
+
 def test_torchrun_launch(tmp_path):
     res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "meshattn", "train",
                 "--no-progress", *SHORT, "--out", str(tmp_path)])

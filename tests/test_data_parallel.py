@@ -49,8 +49,8 @@ def reference_run(cfg: TrainConfig, corpus: Corpus) -> tuple[list[float], list[f
     return losses, norms
 
 
-def run_both(rank, world, dp, tp, sp, grad_accum, dtype, steps, model=MODEL):
-    cfg = TrainConfig(model=model, parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sp), steps=steps,
+def run_both(rank, world, dp, tp, sp, grad_accum, dtype, steps, model=MODEL, **context):
+    cfg = TrainConfig(model=model, parallel=ParallelConfig(dp=dp, tp=tp, sequence_parallel=sp, **context), steps=steps,
                       batch_size=8, seq_len=32, grad_accum=grad_accum, lr=3e-3, warmup=5, dtype=dtype,
                       sample_tokens=0)
     corpus = _corpus()
@@ -97,6 +97,19 @@ def test_replicated_kv_and_tied_weights_follow_the_curve(pools):
     _assert_curves_close(norms, ref_norms, 2.5e-14)
 
 
+@pytest.mark.parametrize("layout", [
+    dict(dp=2, tp=1, cp=2, cp_impl="ring", cp_layout="zigzag"),
+    dict(dp=1, tp=2, cp=2, cp_impl="ulysses", cp_layout="contiguous"),
+    dict(dp=1, tp=1, cp=4, cp_impl="hybrid", cp_layout="zigzag", ulysses_size=2),
+])
+def test_context_parallel_training_follows_the_curve(pools, layout):
+    results = pools.run(4, run_both, sp=False, grad_accum=1, dtype="float64", steps=5, **layout)
+    losses, norms, ref_losses, ref_norms = results[0]
+    assert all(r[0] == losses for r in results), "every rank reports the same global loss"
+    _assert_curves_close(losses, ref_losses, 5e-15)
+    _assert_curves_close(norms, ref_norms, 2.5e-14)
+
+
 def accumulate(rank, world, dp, tp, grad_accum):
     torch.manual_seed(0)
     ref = Transformer(MODEL)
@@ -115,8 +128,10 @@ def accumulate(rank, world, dp, tp, grad_accum):
     for name, p in ref.named_parameters(remove_duplicate=False):
         assert_close(grads[name], p.grad, f"grad {name}")
     local_numel = sum(p.numel() for p in model.parameters())
-    # One gradient all-reduce over dp per optimizer step, whatever the number of micro-batches.
-    dp_bytes = counter.total(axis="dp", kind="all_reduce")
+    # One gradient all-reduce over dp per optimizer step, whatever the number of micro-batches
+    # (forward adds one 8-byte token count per micro-batch for the global-mean loss).
+    assert counter.total(axis="dp", kind="all_reduce", phase="fwd") == 8 * grad_accum
+    dp_bytes = counter.total(axis="dp", kind="all_reduce", phase="bwd")
     assert dp_bytes == local_numel * 4, (dp_bytes, local_numel * 4)
     return dp_bytes
 

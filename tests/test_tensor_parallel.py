@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distributed import mesh_for
 from meshattn import CommCounter, ModelConfig, ParallelConfig, Transformer
 from meshattn.comm import Axis, all_gather_raw
-from meshattn.parallel import gather_state_dict, local_batch, parallelize
+from meshattn.parallel import gather_state_dict, parallelize
 from meshattn.planner import tensor_parallel_comm
 from parity import assert_close
 
@@ -30,11 +30,11 @@ LAYOUTS = [(1, 1, 1, False), (2, 1, 2, False), (2, 2, 1, False), (2, 1, 2, True)
 B, S = 4, 8
 
 
-def _batch(cfg: ModelConfig, seed: int = 1):
-    """Random ids; the first two targets of every row are ignored (-100), as padding would be.
-    Every row loses the same number, so each dp replica's mean is over equally many tokens."""
+def _batch(cfg: ModelConfig, seed: int = 1, seq: int = S):
+    """Random ids; the first two targets of every row are ignored (-100), as padding would be,
+    so context-parallel ranks hold unequal numbers of counted tokens."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (B, seq + 1), generator=g)
     targets = ids[:, 1:].clone()
     targets[:, :2] = -100
     return ids[:, :-1], targets
@@ -51,36 +51,44 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
     return store
 
 
-def check_parity(rank, world, dp, tp, sp, model, dtype):
+def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
+                 ulysses_size=None, seq=S):
     dtype = getattr(torch, dtype)
     cfg = ModelConfig(**MODELS[model])
     torch.manual_seed(0)
     ref = Transformer(cfg).to(dtype)
-    ids, targets = _batch(cfg)
+    ids, targets = _batch(cfg, seq=seq)
     ref_in = _capture_block_input(ref.blocks[0])
     ref_logits, ref_loss = ref(ids, targets)
     ref_loss.backward()
 
-    par = ParallelConfig(dp=dp, tp=tp, sequence_parallel=sp)
+    par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
+                         ulysses_size=ulysses_size)
     pm = parallelize(ref, mesh_for(par), par)
-    dp_axis, tp_axis = pm.axes.dp, pm.axes.tp
+    dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
     par_in = _capture_block_input(pm.tp_model.blocks[0])
     rows = torch.arange(B).chunk(dp)[dp_axis.rank]
-    logits, loss = pm(local_batch(ids, dp_axis), local_batch(targets, dp_axis))
+    logits, loss = pm(*pm.shard_batch(ids, targets))  # (B/dp, S/cp) tokens in, (B/dp, S/cp, V/tp) out
     loss.backward()
 
-    plain_tp = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank)
-    full_logits = all_gather_raw(logits.detach(), 2, plain_tp, "fwd") if tp > 1 else logits.detach()
-    assert_close(full_logits, ref_logits.detach()[rows], "logits")
-    expected_loss = F.cross_entropy(ref_logits[rows].flatten(0, 1), targets[rows].flatten())
-    assert_close(loss.detach(), expected_loss.detach(), "loss")
+    def unshard(t, seq_dim, tp_dim=None):  # this replica's rows, whole sequence, whole vocab/width
+        plain_tp = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank)
+        if tp_dim is not None and tp > 1:
+            t = all_gather_raw(t, tp_dim, plain_tp, "fwd")
+        return t if pm.split is None else pm.split.unshard(t, seq_dim)
 
-    # The replica's loss is a mean over B/dp rows, the reference's over B: the activation gradient
-    # of the replica is dp times the reference's for its rows.
+    assert_close(unshard(logits.detach(), 1, tp_dim=2), ref_logits.detach()[rows], "logits")
+    # Each rank's loss is weighted so that its mean over dp x cp is the global mean.
+    mean_loss = loss.detach().reshape(1).clone()
+    if batch_axis.size > 1:
+        torch.distributed.all_reduce(mean_loss, group=batch_axis.group)
+    assert_close(mean_loss[0] / batch_axis.size, ref_loss.detach(), "loss")
+
+    # The global loss is the mean of dp*cp rank losses: a rank's activation gradient is dp*cp
+    # times the reference's for its tokens.
     x_grad = par_in["x"].grad
-    if sp and tp > 1:
-        x_grad = all_gather_raw(x_grad, 1, plain_tp, "fwd")  # (B/dp, S, h) from sequence shards
-    assert_close(x_grad / dp, ref_in["x"].grad[rows], "block-0 input grad")
+    x_grad = unshard(x_grad, 1, tp_dim=1 if sp else None)  # (B/dp, S, h)
+    assert_close(x_grad / batch_axis.size, ref_in["x"].grad[rows], "block-0 input grad")
 
     params = gather_state_dict(pm)
     grads = gather_state_dict(pm, grads=True)

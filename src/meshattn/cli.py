@@ -16,6 +16,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks per replica")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (the sequence split across them)")
+    p.add_argument("--cp-impl", default="ring", choices=["allgather", "ring", "ulysses", "hybrid"],
+                   help="how attention crosses the sequence split")
+    p.add_argument("--cp-layout", default="zigzag", choices=["contiguous", "zigzag"],
+                   help="which sequence chunks each cp rank holds (zigzag balances causal work)")
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --cp-impl hybrid")
     p.add_argument("--sp", action="store_true", help="Megatron sequence parallelism for norms/residuals")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per step")
@@ -33,10 +39,20 @@ def _train_parser(sub) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(model=preset(a.preset), parallel=ParallelConfig(dp=a.dp, tp=a.tp, sequence_parallel=a.sp),
+    parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
+                              cp_layout=a.cp_layout, ulysses_size=a.ulysses_size)
+    return TrainConfig(model=preset(a.preset), parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, data=a.data, out=a.out,
                        sample_tokens=a.sample_tokens)
+
+
+def _layout_name(par: ParallelConfig) -> str:
+    cp = ""
+    if par.cp > 1:
+        impl = par.cp_impl + (f"(ulysses {par.ulysses_size})" if par.cp_impl == "hybrid" else "")
+        cp = f" cp={par.cp} {impl} {par.cp_layout}"
+    return f"dp={par.dp}{cp} tp={par.tp}{' +sp' if par.sequence_parallel else ''}"
 
 
 def run_training(cfg_dict: dict, progress: bool) -> None:
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
-              f"dp={cfg.parallel.dp} tp={cfg.parallel.tp}{' +sp' if cfg.parallel.sequence_parallel else ''}, "
+              f"{_layout_name(cfg.parallel)}, "
               f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
     try:
         launch(run_training, cfg.parallel.world_size, args=(cfg.to_dict(), not a.no_progress), env=dict(os.environ),

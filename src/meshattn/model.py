@@ -67,10 +67,11 @@ class Attention(nn.Module):
         return self.proj(attend(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, rope))
 
 
-def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope) -> torch.Tensor:
+def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope, core=attention_core) -> torch.Tensor:
     """From fused projections (B, S, (H + 2G) * D) to the attention output (B, S, H * D).
 
-    Shared by the reference and the tensor-parallel attention (which passes its local head counts).
+    Shared by the reference and the parallel attention, which passes its local head counts and,
+    when the sequence is split, a context-parallel `core(q, k, v)`.
     """
     B, S, _ = qkv.shape
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
@@ -79,7 +80,7 @@ def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope
     v = v.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    y = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, D)
+    y = core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, D)
     return y.transpose(1, 2).reshape(B, S, n_heads * head_dim)  # (B, S, H*D)
 
 

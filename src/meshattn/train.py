@@ -22,7 +22,8 @@ from .config import ConfigError, TrainConfig
 from .corpus import Corpus, decode, encode
 from .mesh import current_device
 from .model import Transformer
-from .parallel import ParallelModel, gather_state_dict, local_batch, parallelize
+from .parallel import ParallelModel, gather_state_dict, parallelize
+from .parallel.layout import n_chunks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -103,8 +104,8 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
                cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
     ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
-    dp, device = model.axes.dp, next(model.parameters()).device
-    ids, targets = local_batch(ids, dp).to(device), local_batch(targets, dp).to(device)  # (B/dp, S)
+    device = next(model.parameters()).device
+    ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
@@ -117,7 +118,8 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
         loss_sum += loss.detach().double()
     norm = clip_grads(model, cfg.grad_clip)
     opt.step()
-    mean = all_reduce_(loss_sum / (cfg.grad_accum * dp.size), dp, "step")  # (1,) mean over dp
+    batch = model.axes.batch
+    mean = all_reduce_(loss_sum / (cfg.grad_accum * batch.size), batch, "step")  # (1,) mean over dp x cp
     return mean.item(), norm.item()
 
 
@@ -132,14 +134,20 @@ def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: floa
     gen = torch.Generator().manual_seed(seed)
     device = next(tp_model.parameters()).device
     ids = encode(prompt)
-    # Sequence parallelism needs a length divisible by tp: keep a context that, padded on the
-    # right (which causal attention cannot see from the last real position), fits max_seq_len.
-    max_ctx = tp_model.cfg.max_seq_len // tp.size * tp.size
+    # The context length must split into cp chunks (and tp shards under sequence parallelism):
+    # pad on the right, which causal attention cannot see from the last real position, and keep
+    # the padded context within max_seq_len.
+    split = model.split
+    unit = tp.size * (1 if split is None else n_chunks(split.layout, split.size))
+    max_ctx = tp_model.cfg.max_seq_len // unit * unit
     for _ in range(n_tokens):
         ctx = ids[-max_ctx:]
         n = len(ctx)
-        padded = torch.nn.functional.pad(ctx, (0, (-n) % tp.size))  # (n rounded up to tp,)
-        logits, _ = tp_model(padded[None].to(device))  # (1, n', V/tp)
+        padded = torch.nn.functional.pad(ctx, (0, (-n) % unit))[None].to(device)  # (1, n rounded up)
+        if split is None:
+            logits, _ = tp_model(padded)  # (1, n', V/tp)
+        else:
+            logits = split.unshard(tp_model(split.shard(padded, 1))[0], 1)  # (1, n', V/tp) in global order
         last = logits[0, n - 1].float()  # (V/tp,)
         full = (all_gather_raw(last, 0, plain_tp, "fwd") if tp.size > 1 else last).cpu()  # (V,)
         if temperature <= 0:  # greedy
@@ -174,11 +182,12 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for i in range(batches):
         ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
-        dp = model.axes.dp
-        _, loss = model.tp_model(local_batch(ids, dp).to(device), local_batch(targets, dp).to(device))
+        ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
+        _, loss = model.tp_model(ids, targets)
         total += loss.double()
     model.train()
-    return all_reduce_(total / (batches * model.axes.dp.size), model.axes.dp, "step").item()  # (1,) mean over dp
+    batch = model.axes.batch
+    return all_reduce_(total / (batches * batch.size), batch, "step").item()  # (1,) mean over dp x cp
 
 
 def save_checkpoint(model: ParallelModel, cfg: TrainConfig, step: int, out: Path) -> Path | None:

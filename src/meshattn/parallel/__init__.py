@@ -17,6 +17,7 @@ from ..config import ParallelConfig
 from ..model import Transformer
 from .data import local_batch, no_sync, unwrap, wrap_data_parallel
 from .shard import Shard, check_shards, collect_shards, gather_full, load_full_state_dict
+from .context import SequenceSplit, context_group
 from .tensor import TensorParallelTransformer
 
 __all__ = ["parallelize", "ParallelModel", "gather_state_dict", "load_state_dict", "local_batch", "no_sync",
@@ -29,37 +30,44 @@ class MeshAxes:
     cp: Axis
     tp: Axis
     kv: Axis  # replicas of one KV head inside tp (size 1 unless n_kv_heads < tp)
+    batch: Axis  # dp x cp together: the ranks holding different tokens, over which gradients average
+
+
+def _split_axis(mesh: DeviceMesh, grid: torch.Tensor, names: tuple[str, ...], name: str,
+                counter: CommCounter | None) -> Axis:
+    """An axis of a second DeviceMesh over the same ranks (every rank builds it, as group creation
+    requires)."""
+    return Axis.of(DeviceMesh(mesh.device_type, grid, mesh_dim_names=names), name, counter)
 
 
 def mesh_axes(mesh: DeviceMesh, n_kv_heads: int, counter: CommCounter | None = None) -> MeshAxes:
-    """Axis handles for the named mesh, plus the KV-head replica groups when n_kv_heads < tp.
-
-    The replica groups come from a second DeviceMesh over the same ranks with tp split into
-    (kv shards, replicas); every rank builds it, as group creation requires.
-    """
-    tp = mesh["tp"].size()
+    """Axis handles for the named dp x cp x tp mesh, plus two derived ones: the KV-head replica
+    groups inside tp when n_kv_heads < tp, and the flattened dp x cp batch axis."""
+    dp, cp, tp = (Axis.of(mesh, name, counter) for name in ("dp", "cp", "tp"))
     kv = Axis.single("kv")
-    if n_kv_heads < tp:
-        reps = tp // n_kv_heads
-        grid = mesh.mesh.reshape(*mesh.mesh.shape[:-1], n_kv_heads, reps)
-        kv_mesh = DeviceMesh(mesh.device_type, grid, mesh_dim_names=("dp", "cp", "kv_shard", "kv"))
-        kv = Axis.of(kv_mesh, "kv", counter)
-    return MeshAxes(*(Axis.of(mesh, name, counter) for name in ("dp", "cp", "tp")), kv)
+    if n_kv_heads < tp.size:
+        grid = mesh.mesh.reshape(dp.size, cp.size, n_kv_heads, tp.size // n_kv_heads)
+        kv = _split_axis(mesh, grid, ("dp", "cp", "kv_shard", "kv"), "kv", counter)
+    if dp.size > 1 and cp.size > 1:
+        batch = _split_axis(mesh, mesh.mesh.reshape(dp.size * cp.size, tp.size), ("dpcp", "tp"), "dpcp", counter)
+    else:
+        batch = cp if cp.size > 1 else dp
+    return MeshAxes(dp, cp, tp, kv, batch)
 
 
 class ParallelModel(nn.Module):
-    """The parallel model: forward(ids, targets) -> (vocab-sharded logits, global-mean loss).
+    """The parallel model: forward(ids, targets) -> (vocab-sharded logits, loss).
 
-    `ids` are this rank's rows of the global batch (see `local_batch`); the loss is this replica's
-    mean, and gradients after backward are averaged over dp, so they equal the reference model's
-    gradients of the global-mean loss.
+    `ids` and `targets` are this rank's part of the global batch: its dp rows and its cp chunks of
+    the sequence (see `shard_batch`). Averaged over dp x cp, the loss is the global mean, and the
+    gradients after backward (averaged by DDP over dp x cp) equal the reference model's.
     """
 
     def __init__(self, inner: TensorParallelTransformer, axes: MeshAxes, shards: dict[str, Shard],
-                 counter: CommCounter | None):
+                 counter: CommCounter | None, split: SequenceSplit | None):
         super().__init__()
-        self.axes, self.shards, self.counter = axes, shards, counter
-        self.inner = wrap_data_parallel(inner, axes.dp)
+        self.axes, self.shards, self.counter, self.split = axes, shards, counter, split
+        self.inner = wrap_data_parallel(inner, axes.batch)
 
     @property
     def tp_model(self) -> TensorParallelTransformer:
@@ -71,25 +79,36 @@ class ParallelModel(nn.Module):
     def no_sync(self, skip: bool = True):
         return no_sync(self.inner, skip)
 
+    def shard_batch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's part of global (B, S, ...) tensors: rows for dp, sequence chunks for cp."""
+        out = [local_batch(t, self.axes.dp) for t in tensors]
+        return out if self.split is None else [self.split.shard(t, 1) for t in out]
+
 
 def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig,
                 counter: CommCounter | None = None) -> ParallelModel:
     """Split a reference model (with its weights) over the mesh. The reference is not modified.
 
-    Validates the layout against the model before creating any group.
+    Order: tensor parallelism (which parameters exist), context parallelism (how attention
+    crosses the sequence split), data parallelism (DDP over dp x cp). Validates the layout
+    against the model before creating any group.
     """
     cfg.check_model(model.cfg)
     for name in ("dp", "cp", "tp"):
         if mesh[name].size() != getattr(cfg, name):
             raise ValueError(f"mesh axis {name} has size {mesh[name].size()} but the config says {getattr(cfg, name)}")
     axes = mesh_axes(mesh, model.cfg.n_kv_heads, counter)
+    split = None
+    if cfg.cp > 1:
+        group = context_group(mesh, "cp", cfg.ulysses_size if cfg.cp_impl == "hybrid" else None, counter)
+        split = SequenceSplit(group, cfg.cp_impl, cfg.cp_layout)
     ref = next(model.parameters())
-    inner = TensorParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel)
+    inner = TensorParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch)
     inner.to(device=ref.device, dtype=ref.dtype)
     shards = collect_shards(inner)
     check_shards(inner, shards)
     load_full_state_dict(inner, shards, model.state_dict(), axes.tp.rank, axes.tp.size)
-    return ParallelModel(inner, axes, shards, counter)
+    return ParallelModel(inner, axes, shards, counter, split)
 
 
 def gather_state_dict(model: ParallelModel, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..attention import KERNELS, default_scale
 from ..comm import Axis, CommCounter, all_gather
 from .blocks import ChunkAttention
-from .layout import chunk_table, chunks_of, n_chunks
+from .layout import chunk_table, chunks_of, local_positions, n_chunks, shard_sequence, unshard_sequence
 from .ring import ring_attention
 from .ulysses import check_heads, ulysses_attention
 
@@ -65,6 +65,34 @@ def context_group(mesh: DeviceMesh, axis: str = "cp", ulysses_size: int | None =
     grid = mesh.mesh.reshape(*shape[:i], cp.size // ulysses_size, ulysses_size, *shape[i + 1:])
     split = DeviceMesh(mesh.device_type, grid, mesh_dim_names=(*names[:i], "cp_ring", "cp_ulysses", *names[i + 1:]))
     return ContextGroup(cp, Axis.of(split, "cp_ring", counter), Axis.of(split, "cp_ulysses", counter))
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    """How a model's sequence is split over cp: the group, the impl and the layout."""
+
+    group: ContextGroup
+    impl: str
+    layout: str
+
+    @property
+    def size(self) -> int:
+        return self.group.axis.size
+
+    def positions(self, local_len: int, device=None) -> torch.Tensor:
+        """Global positions (S/cp,) of this rank's tokens."""
+        return local_positions(local_len * self.size, self.layout, self.group.axis.rank, self.size, device)
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return shard_sequence(x, self.group.axis, dim, self.layout)
+
+    def unshard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return unshard_sequence(x, self.group.axis, dim, self.layout)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the split sequence: (B, H, S/cp, D) -> (B, H, S/cp, D)."""
+        return context_attention(q, k, v, self.group, self.impl, self.layout, causal=True,
+                                 ulysses_size=self.group.ulysses_size)
 
 
 def _as_context_group(group) -> ContextGroup:

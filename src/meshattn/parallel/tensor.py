@@ -20,7 +20,7 @@ from torch.autograd import Function
 
 from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
 from ..config import ModelConfig
-from ..model import attend, mlp_hidden, rotary_tables
+from ..model import attend, attention_core, mlp_hidden, rotary_tables
 from .shard import Shard
 
 
@@ -84,12 +84,13 @@ class ParallelAttention(ShardedModule):
     through `copy_to_group` over that replica group so their gradients are summed there.
     """
 
-    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis):
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis, split=None):
         super().__init__()
         tp = region.axis.size
         H, G, D, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         self.n_heads, self.n_kv_heads, self.head_dim = H // tp, max(G // tp, 1), D
         self.region, self.kv_axis = region, kv_axis
+        self.core = attention_core if split is None else split.attention  # context-parallel when split
         rows = (H + 2 * G) * D
         for name, start, stop, parts in (("q", 0, H * D, tp), ("k", H * D, (H + G) * D, min(G, tp)),
                                          ("v", (H + G) * D, rows, min(G, tp))):
@@ -107,7 +108,8 @@ class ParallelAttention(ShardedModule):
         bias = None
         if self.bq is not None:
             bias = torch.cat([self.bq, copy_to_group(self.bk, self.kv_axis), copy_to_group(self.bv, self.kv_axis)])
-        y = attend(F.linear(x, weight, bias), self.n_heads, self.n_kv_heads, self.head_dim, rope)  # (B, S, H/tp*D)
+        y = attend(F.linear(x, weight, bias), self.n_heads, self.n_kv_heads, self.head_dim, rope,
+                   self.core)  # (B, S, H/tp*D)
         out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -154,10 +156,10 @@ class ParallelNorm(ShardedModule):
 
 
 class ParallelBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis):
+    def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis, split=None):
         super().__init__()
         self.norm1 = ParallelNorm(cfg, f"{prefix}.norm1", region)
-        self.attn = ParallelAttention(cfg, f"{prefix}.attn", region, kv_axis)
+        self.attn = ParallelAttention(cfg, f"{prefix}.attn", region, kv_axis, split)
         self.norm2 = ParallelNorm(cfg, f"{prefix}.norm2", region)
         self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region)
 
@@ -219,9 +221,9 @@ class _VocabParallelCrossEntropy(Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, axis):
+    def forward(ctx, logits, targets, vocab_start, axis, denominator):
         valid = targets != IGNORE_INDEX  # (N,)
-        weight = valid.to(logits.dtype) / valid.sum().clamp(min=1).to(logits.dtype)  # (N,) 1/n_valid or 0
+        weight = valid.to(logits.dtype) / denominator.to(logits.dtype)  # (N,) 1/denominator or 0
         row_max = logits.max(dim=-1).values  # (N,)
         all_reduce_(row_max, axis, "fwd", op=torch.distributed.ReduceOp.MAX)  # (N,) max over tp
         shifted = logits - row_max[:, None]  # (N, V/tp)
@@ -244,25 +246,39 @@ class _VocabParallelCrossEntropy(Function):
         g = weighted_softmax.clone()  # (N, V/tp)
         rows = torch.arange(g.shape[0], device=g.device)
         g[rows, local_t] -= owned.to(g.dtype) * weight
-        return g.mul_(grad), None, None, None
+        return g.mul_(grad), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-                                 axis: Axis) -> torch.Tensor:
-    """logits (B, S, V/tp), targets (B, S) -> the mean loss over all B*S tokens (replicated on tp)."""
-    return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), vocab_start, axis)
+                                 axis: Axis, batch_axis: Axis | None = None) -> torch.Tensor:
+    """logits (B, S, V/tp), targets (B, S) -> this rank's loss, replicated over tp.
+
+    Without batch_axis: the mean over this rank's non-ignored tokens. With a batch axis (the
+    ranks that hold different tokens: dp x cp) of size n: the sum over this rank's tokens times
+    n / (global token count), so that averaging losses and gradients over that axis (as DDP
+    does) gives the global-mean loss even when ranks hold unequal numbers of counted tokens.
+    """
+    targets = targets.flatten()
+    count = (targets != IGNORE_INDEX).sum().reshape(1)  # (1,)
+    if batch_axis is not None and batch_axis.size > 1:
+        all_reduce_(count, batch_axis, "fwd")  # (1,) global count over dp x cp
+        denominator = count.clamp(min=1) / batch_axis.size
+    else:
+        denominator = count.clamp(min=1)
+    return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets, vocab_start, axis, denominator)
 
 
 class TensorParallelTransformer(nn.Module):
     """The reference Transformer split over a tp axis. Parameters are declared empty; load them
     with `parallel.shard.load_full_state_dict` (parallelize does)."""
 
-    def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False,
+                 split=None, batch_axis: Axis | None = None):
         super().__init__()
-        self.cfg, self.tp_axis = cfg, tp_axis
+        self.cfg, self.tp_axis, self.split, self.batch_axis = cfg, tp_axis, split, batch_axis
         self.region = Region(tp_axis, sequence_parallel)
         self.tok_emb = VocabParallelEmbedding(cfg, self.region)
-        self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis)
+        self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis, split)
                                     for i in range(cfg.n_layers))
         self.norm = ParallelNorm(cfg, "norm", self.region)
         self.head = VocabParallelHead(cfg, self.region)
@@ -270,16 +286,19 @@ class TensorParallelTransformer(nn.Module):
             self.head.weight = self.tok_emb.weight
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """ids (B, S) -> vocab-sharded logits (B, S, V/tp) and the mean loss over all tokens."""
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        x = self.tok_emb(ids, positions)  # (B, S/tp | S, h)
+        """ids (B, S/cp): this rank's chunks -> vocab-sharded logits (B, S/cp, V/tp) and the loss
+        (see vocab_parallel_cross_entropy: its average over dp x cp is the global mean)."""
+        S = ids.shape[1]
+        positions = torch.arange(S, device=ids.device) if self.split is None else self.split.positions(S, ids.device)
+        x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
         rope = None
         if self.cfg.position == "rope":
             rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, rope)
-        logits = self.head(self.region.enter(self.norm(x)))  # (B, S, V/tp)
+        logits = self.head(self.region.enter(self.norm(x)))  # (B, S/cp, V/tp)
         loss = None
         if targets is not None:
-            loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, self.tp_axis)
+            loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, self.tp_axis,
+                                                self.batch_axis)
         return logits, loss
