@@ -64,7 +64,8 @@ def test_plan_follows_the_chunk_rule():
     assert plan([0, 1], [0, 1], True) == [((0, 2), (0, 2), True)]  # one fused causal call
     assert plan([3], [0, 1, 2, 3], True) == [((0, 1), (0, 3), False), ((0, 1), (3, 4), True)]
     assert plan([0], [2, 3], True) == []  # all keys are in the future
-    assert plan([2, 5], [1, 6], True) == [((0, 1), (0, 1), False), ((1, 2), (0, 1), False)]
+    assert plan([2, 5], [1, 6], True) == [((0, 2), (0, 1), False)]  # both query chunks read key chunk 1: one call
+    assert plan([1, 6], [2, 5], True) == [((1, 2), (0, 2), False)]
     assert plan([2, 5], [1, 6], False) == [((0, 2), (0, 2), False)]
 
 

@@ -98,9 +98,10 @@ def test_communication_volume_is_exact(pools, impl, layout):
     local_kv = B * G * (S // p) * D * 4  # one rank's K (or V), fp32 bytes
     local_q = B * H * (S // p) * D * 4
     if impl == "ring":
-        # forward: p-1 hops of the stacked local K and V; backward: p-1 K/V hops and p dK/dV hops.
-        expected = {"send_recv/fwd": (p - 1, (p - 1) * 2 * local_kv),
-                    "send_recv/bwd": (2 * p - 1, (p - 1) * 2 * local_kv + p * 2 * local_kv)}
+        # forward: p-1 hops of the local K and V (one message each); backward: p-1 K/V hops and
+        # p dK/dV hops (fp32 accumulators, here the same size).
+        expected = {"send_recv/fwd": (2 * (p - 1), (p - 1) * 2 * local_kv),
+                    "send_recv/bwd": (2 * (2 * p - 1), (p - 1) * 2 * local_kv + p * 2 * local_kv)}
     elif impl == "allgather":
         # K and V gathered once (payload: the gathered tensor); dK, dV reduce-scattered once.
         expected = {"all_gather/fwd": (2, 2 * p * local_kv), "reduce_scatter/bwd": (2, 2 * p * local_kv)}

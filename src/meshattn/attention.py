@@ -107,7 +107,8 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Fold one partial result into a running one, in place (out, lse are the fp32 accumulators).
+    """Fold one partial result into a running one, in place (out, lse are the fp32 accumulators;
+    block_out is consumed as scratch).
 
     Softmax over the union of two disjoint key sets A and B, per query row:
         lse   = log(exp(lse_A) + exp(lse_B))
@@ -121,7 +122,8 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     safe = torch.where(seen, new_lse, torch.zeros_like(new_lse))
     w_old = torch.where(seen, torch.exp(lse - safe), torch.zeros_like(lse))[..., None]
     w_new = torch.where(seen, torch.exp(block_lse - safe), torch.zeros_like(lse))[..., None]
-    out.mul_(w_old).add_(w_new * block_out.to(out.dtype))
+    block_out = block_out.to(out.dtype)  # a copy only for low-precision blocks
+    out.mul_(w_old).add_(block_out.mul_(w_new))  # block_out is the caller's scratch: scaled in place
     lse.copy_(new_lse)
 
 

@@ -34,19 +34,26 @@ def plan(q_chunks: list[int], k_chunks: list[int], causal: bool):
 
     Fast paths: non-causal -> one call over everything; q and k the same increasing run of
     chunks -> one causal call. Otherwise, per query chunk: one full call per consecutive run of
-    earlier key chunks, and one causal call for its own chunk if present.
+    earlier key chunks (adjacent query chunks reading the same run share one call), and one causal
+    call for its own chunk if present.
     """
     nq, nk = len(q_chunks), len(k_chunks)
     if not causal:
         return [((0, nq), (0, nk), False)]
     if q_chunks == k_chunks and q_chunks == list(range(q_chunks[0], q_chunks[0] + nq)):
         return [((0, nq), (0, nk), True)]
-    calls = []
+    full: list[tuple[tuple[int, int], tuple[int, int], bool]] = []
+    diag = []
     for qi, i in enumerate(q_chunks):
-        earlier = sorted(kj for kj, j in enumerate(k_chunks) if j < i)
-        calls += [((qi, qi + 1), run, False) for run in _runs(earlier)]
-        calls += [((qi, qi + 1), (kj, kj + 1), True) for kj, j in enumerate(k_chunks) if j == i]
-    return calls
+        for run in _runs(sorted(kj for kj, j in enumerate(k_chunks) if j < i)):
+            same = [n for n, (rows, cols, _) in enumerate(full) if cols == run and rows[1] == qi]
+            if same:
+                rows = full[same[0]][0]
+                full[same[0]] = ((rows[0], qi + 1), run, False)
+            else:
+                full.append(((qi, qi + 1), run, False))
+        diag += [((qi, qi + 1), (kj, kj + 1), True) for kj, j in enumerate(k_chunks) if j == i]
+    return full + diag
 
 
 def attend_chunks(q, q_chunks, k, v, k_chunks, causal, scale, kernel, out, lse) -> None:
@@ -58,20 +65,32 @@ def attend_chunks(q, q_chunks, k, v, k_chunks, causal, scale, kernel, out, lse) 
         merge_(out[:, :, rows], lse[:, :, rows], o, l)
 
 
-def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel, dq):
-    """Add this key set's share of dq into dq (fp32) and return dk, dv (fp32) for k's chunks.
-    out and lse are the global (fully merged) results of q's rows."""
+def _accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: torch.Tensor) -> torch.Tensor:
+    """acc[:, :, region] += g, creating acc on first use; a block that covers the whole tensor
+    becomes the accumulator itself, saving one full-size buffer."""
+    f = acc_dtype(like)
+    if acc is None:
+        if g.shape == like.shape:
+            return g.to(f)
+        acc = torch.zeros(like.shape, dtype=f, device=like.device)
+    acc[:, :, region] += g
+    return acc
+
+
+def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel, dq=None):
+    """This key set's share of dq (added into dq when given) and its dk, dv, as accumulators
+    (fp32 for low-precision inputs). out and lse are the global (fully merged) results of q's rows."""
     c = q.shape[2] // len(q_chunks)
-    dk = torch.zeros(k.shape, dtype=dq.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=dq.dtype, device=v.device)
+    dk = dv = None
     for (qa, qb), (ka, kb), diag in plan(q_chunks, k_chunks, causal):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
         g_q, g_k, g_v = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
                                        out[:, :, rows], lse[:, :, rows], diag, scale, kernel)
-        dq[:, :, rows] += g_q
-        dk[:, :, cols] += g_k
-        dv[:, :, cols] += g_v
-    return dk, dv
+        dq = _accumulate(dq, q, rows, g_q)
+        dk = _accumulate(dk, k, cols, g_k)
+        dv = _accumulate(dv, v, cols, g_v)
+    zeros = lambda t: torch.zeros(t.shape, dtype=acc_dtype(t), device=t.device)  # noqa: E731 - nothing attended
+    return (zeros(q) if dq is None else dq), (zeros(k) if dk is None else dk), (zeros(v) if dv is None else dv)
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -102,8 +121,7 @@ class ChunkAttention(Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         q_chunks, k_chunks, causal, scale, kernel = ctx.args
-        dq = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
-        dk, dv = attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel, dq)
+        dq, dk, dv = attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 

@@ -22,31 +22,34 @@ import torch.distributed as dist
 from torch.autograd import Function
 
 from ..comm import Axis
-from .blocks import acc_dtype, attend_chunks, attend_chunks_backward, empty_accumulators
+from .blocks import ChunkAttention, attend_chunks, attend_chunks_backward, empty_accumulators
 
-_KV_TAG, _DKV_TAG = 17, 18
+_K_TAG, _V_TAG, _DK_TAG, _DV_TAG = 17, 18, 19, 20
 
 
 class _Exchange:
-    """One ring hop: send `tensor` to the next rank, receive a same-shaped one from the previous.
+    """One ring hop of several tensors: each is sent to the next rank while a same-shaped one is
+    received from the previous. Posted at construction, completed by `wait()`, which returns the
+    received tensors; a second wait is a bug and raises."""
 
-    Posted at construction, completed by `wait()`; a second wait is a bug and raises."""
-
-    def __init__(self, tensor: torch.Tensor, axis: Axis, tag: int, phase: str):
-        self.send, self.recv = tensor, torch.empty_like(tensor)  # both stay alive until wait()
+    def __init__(self, tensors: tuple[torch.Tensor, ...], tags: tuple[int, ...], axis: Axis, phase: str):
+        tensors = tuple(t.contiguous() for t in tensors)  # a kernel's gradient may come back strided
+        self.sent = tensors  # kept alive until wait()
+        self.received = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
         nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
         prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
-        axis.record("send_recv", phase, tensor)
-        self.works = [dist.isend(tensor, nxt, group=axis.group, tag=tag),
-                      dist.irecv(self.recv, prv, group=axis.group, tag=tag)]
+        self.works = []
+        for t, buf, tag in zip(tensors, self.received, tags):
+            axis.record("send_recv", phase, t)
+            self.works += [dist.isend(t, nxt, group=axis.group, tag=tag), dist.irecv(buf, prv, group=axis.group, tag=tag)]
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, ...]:
         if self.works is None:
             raise RuntimeError("ring exchange waited twice")
         for w in self.works:
             w.wait()
         self.works = None
-        return self.recv
+        return self.received
 
 
 class _RingAttention(Function):
@@ -54,11 +57,10 @@ class _RingAttention(Function):
     def forward(ctx, q, k, v, axis, chunk_table, causal, scale, kernel):
         r, p = axis.rank, axis.size
         out, lse = empty_accumulators(q)  # (B, H, Sq, D), (B, H, Sq)
-        kv = torch.stack([k, v]).contiguous()  # (2, B, G, Sk, D): one message per hop
+        kv = (k.contiguous(), v.contiguous())  # (B, G, Sk, D) each, the block in hand
         for step in range(p):
-            hop = _Exchange(kv, axis, _KV_TAG, "fwd") if step < p - 1 else None
-            attend_chunks(q, chunk_table[r], kv[0], kv[1], chunk_table[(r - step) % p], causal, scale, kernel,
-                          out, lse)
+            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "fwd") if step < p - 1 else None
+            attend_chunks(q, chunk_table[r], *kv, chunk_table[(r - step) % p], causal, scale, kernel, out, lse)
             if hop is not None:
                 kv = hop.wait()
         out = out.to(q.dtype)
@@ -71,28 +73,26 @@ class _RingAttention(Function):
         q, k, v, out, lse = ctx.saved_tensors
         axis, chunk_table, causal, scale, kernel = ctx.args
         r, p = axis.rank, axis.size
-        dq = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
-        kv = torch.stack([k, v]).contiguous()  # (2, B, G, Sk, D)
-        incoming = None  # the dk/dv accumulator of the block in hand, on its way from r-1
+        dq = None
+        kv = (k.contiguous(), v.contiguous())
+        incoming = None  # the dk/dv accumulators of the block in hand, on their way from r-1
         for step in range(p):
-            hop = _Exchange(kv, axis, _KV_TAG, "bwd") if step < p - 1 else None
-            dk, dv = attend_chunks_backward(dout, q, chunk_table[r], kv[0], kv[1], chunk_table[(r - step) % p],
-                                            out, lse, causal, scale, kernel, dq)
-            acc = torch.stack([dk, dv])  # (2, B, G, Sk, D) fp32
+            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "bwd") if step < p - 1 else None
+            dq, *dkv = attend_chunks_backward(dout, q, chunk_table[r], *kv, chunk_table[(r - step) % p], out, lse,
+                                              causal, scale, kernel, dq)
             if incoming is not None:
-                acc += incoming.wait()
-            incoming = _Exchange(acc, axis, _DKV_TAG, "bwd")
+                for mine, theirs in zip(dkv, incoming.wait()):
+                    mine += theirs
+            incoming = _Exchange(dkv, (_DK_TAG, _DV_TAG), axis, "bwd")
             if hop is not None:
                 kv = hop.wait()
-        dkv = incoming.wait()  # our own block's accumulator, home after p hops
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        dk, dv = incoming.wait()  # our own block's accumulators, home after p hops
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q, k, v, axis: Axis, chunk_table: list[list[int]], causal: bool, scale: float,
                    kernel: str) -> torch.Tensor:
     """q (B, H, Sq, D), k and v (B, G, Sk, D): this rank's chunks -> out (B, H, Sq, D)."""
     if axis.size == 1:
-        from .blocks import ChunkAttention
-
         return ChunkAttention.apply(q, k, v, chunk_table[0], chunk_table[0], causal, scale, kernel)
     return _RingAttention.apply(q, k, v, axis, chunk_table, causal, scale, kernel)
