@@ -171,5 +171,5 @@ def test_zigzag_balances_causal_work(p):
     assert imbalance(zig) == pytest.approx(1.0)
     assert sum(zig) == pytest.approx(sum(contiguous))  # same total work, spread differently
     assert imbalance(contiguous) == pytest.approx(max(contiguous) * p / sum(contiguous))
-    assert imbalance(contiguous) > 1.5 if p >= 4 else imbalance(contiguous) > 1.3
+    assert imbalance(contiguous) == pytest.approx(2 - 1 / p, rel=0.02)  # rank r: r full blocks + 1 diagonal
     assert imbalance(causal_work("contiguous", p, 64 * p, causal=False)) == 1.0
