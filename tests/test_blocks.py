@@ -69,6 +69,55 @@ def test_plan_follows_the_chunk_rule():
     assert plan([2, 5], [1, 6], False) == [((0, 2), (0, 2), False)]
 
 
+def test_plan_covers_every_pair_once_by_the_chunk_rule():
+    """Random chunk sets: every (query chunk, key chunk) pair the causal rule keeps is computed
+    exactly once, full calls hold only pairs with j < i, causal calls are square runs of the same
+    consecutive chunks (inside which the token-level mask keeps exactly j <= i)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 12)
+        qc, kc = rng.sample(range(n), rng.randint(1, n)), rng.sample(range(n), rng.randint(1, n))
+        for causal in (True, False):
+            covered = []
+            for (qa, qb), (ka, kb), diag in plan(qc, kc, causal):
+                pairs = [(qi, kj) for qi in range(qa, qb) for kj in range(ka, kb)]
+                if diag:
+                    run = qc[qa:qb]
+                    assert run == kc[ka:kb] and run == list(range(run[0], run[0] + len(run)))
+                    pairs = [(qi, kj) for qi, kj in pairs if kc[kj] <= qc[qi]]
+                elif causal:
+                    assert all(kc[kj] < qc[qi] for qi, kj in pairs)
+                covered += pairs
+            want = {(qi, kj) for qi, i in enumerate(qc) for kj, j in enumerate(kc) if not causal or j <= i}
+            assert len(covered) == len(set(covered)) and set(covered) == want, (qc, kc, causal)
+
+
+def test_merge_of_finite_and_empty_blocks_and_large_gaps():
+    out, lse = torch.full((1, 1, 2, 3), 2.0, dtype=torch.float64), torch.tensor([[[0.0, 300.0]]], dtype=torch.float64)
+    merge_(out, lse, torch.ones(1, 1, 2, 3, dtype=torch.float64), torch.tensor([[[float("-inf"), -300.0]]],
+                                                                              dtype=torch.float64))
+    assert torch.equal(out, torch.full((1, 1, 2, 3), 2.0, dtype=torch.float64))  # -inf block: no change
+    assert lse[0, 0, 0] == 0.0 and lse[0, 0, 1] == 300.0  # exp(-600) vanishes without overflow
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_math_kernel_tiles_match_sdpa(causal, monkeypatch):
+    import meshattn.attention as attention
+
+    monkeypatch.setattr(attention, "MATH_TILE", 5)  # several ragged tiles
+    q, k, v = (t.requires_grad_() for t in _qkv(S=23))
+    ref = _reference(q, k, v, causal)
+    dout = torch.randn_like(ref)
+    ref.backward(dout)
+    out, lse = block_forward(q.detach(), k.detach(), v.detach(), causal, 6 ** -0.5, "math")
+    assert_close(out, ref.detach())
+    for g, t in zip(block_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, causal, 6 ** -0.5, "math"),
+                    (q, k, v)):
+        assert_close(g, t.grad)
+
+
 def test_merge_keeps_unseen_rows_finite():
     out, lse = torch.zeros(1, 1, 2, 3), torch.full((1, 1, 2), float("-inf"))
     merge_(out, lse, torch.ones(1, 1, 2, 3), torch.tensor([[[float("-inf"), 0.5]]]))

@@ -110,6 +110,14 @@ def test_context_parallel_training_follows_the_curve(pools, layout):
     _assert_curves_close(norms, ref_norms, 2.5e-14)
 
 
+def test_context_parallel_with_grad_accumulation_follows_the_curve(pools):
+    results = pools.run(4, run_both, dp=2, tp=1, sp=False, grad_accum=2, dtype="float64", steps=4, cp=2,
+                        cp_impl="ring", cp_layout="zigzag")
+    losses, norms, ref_losses, ref_norms = results[0]
+    _assert_curves_close(losses, ref_losses, 5e-15)
+    _assert_curves_close(norms, ref_norms, 2.5e-14)
+
+
 def accumulate(rank, world, dp, tp, grad_accum):
     torch.manual_seed(0)
     ref = Transformer(MODEL)

@@ -18,6 +18,7 @@ LAYOUTS = [
     (4, 1, 4, 1, False, "hybrid", "zigzag", 2, "mqa"),
     (4, 1, 4, 1, False, "allgather", "contiguous", None, "gqa-llama"),
     (4, 1, 2, 2, False, "ulysses", "zigzag", None, "mqa"),
+    (4, 2, 2, 1, False, "hybrid", "zigzag", 2, "mha-gpt2"),
     (8, 2, 2, 2, False, "ring", "zigzag", None, "gqa-llama"),
     (8, 2, 2, 2, True, "allgather", "zigzag", None, "mqa"),
     (8, 1, 4, 2, False, "hybrid", "zigzag", 2, "gqa-llama"),

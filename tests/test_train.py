@@ -25,10 +25,10 @@ def _reference_greedy(ref: Transformer, prompt: str, n: int) -> str:
     return decode(ids[len(encode(prompt)):].tolist())
 
 
-def greedy(rank, world, tp, sp):
+def greedy(rank, world, tp, sp, cp=1, impl="ring"):
     torch.manual_seed(0)
     ref = Transformer(MODEL).double()
-    par = ParallelConfig(dp=world // tp, tp=tp, sequence_parallel=sp)
+    par = ParallelConfig(dp=world // tp // cp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=impl)
     model = parallelize(ref, mesh_for(par), par)
     # 30 new tokens from a 5-byte prompt run past max_seq_len=24: the context window slides.
     got = generate(model, "def f", 30, temperature=0)
@@ -36,9 +36,10 @@ def greedy(rank, world, tp, sp):
     return got
 
 
-@pytest.mark.parametrize("tp,sp", [(2, False), (4, True)])
-def test_greedy_generation_matches_reference(pools, tp, sp):
-    texts = pools.run(4, greedy, tp=tp, sp=sp)
+@pytest.mark.parametrize("tp,sp,cp,impl", [(2, False, 1, "ring"), (4, True, 1, "ring"), (1, False, 2, "ring"),
+                                           (2, True, 2, "ulysses")])
+def test_greedy_generation_matches_reference(pools, tp, sp, cp, impl):
+    texts = pools.run(4, greedy, tp=tp, sp=sp, cp=cp, impl=impl)
     assert len(set(texts)) == 1 and len(texts[0]) > 0
 
 

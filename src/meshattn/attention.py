@@ -48,39 +48,63 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+MATH_TILE = 1024  # query rows per tile of the math kernel: scores are (B, H, tile, Sk), never S x S
+
+
+def _tiles(n: int):
+    """Query-row tiles [a, b) (under a causal mask, tile rows only see keys [0, b))."""
+    for a in range(0, n, MATH_TILE):
+        yield a, min(a + MATH_TILE, n)
+
+
+def _tile_scores(q, k, a, b, causal, scale):
     f = _acc_dtype(q)
-    s = (q.to(f) @ k.to(f).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    kk = k[:, :, :b] if causal else k
+    s = (q[:, :, a:b].to(f) @ kk.to(f).transpose(-1, -2)) * scale  # (B, H, b-a, Sk')
     if causal:
-        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        rows = torch.arange(a, b, device=s.device)[:, None]
+        s = s.masked_fill(torch.arange(b, device=s.device)[None, :] > rows, float("-inf"))
     return s
 
 
 def _math_forward(q, k, v, causal, scale):
-    s = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq)
-    out = torch.exp(s - lse[..., None]) @ v.to(s.dtype)  # (B, H, Sq, D)
-    return out.to(q.dtype), lse
+    """Exact attention in fp32 (fp64 for fp64 inputs), tiled over query rows; out stays in that
+    precision so the fp32 merge sees unrounded partial results."""
+    f = _acc_dtype(q)
+    out = torch.empty(q.shape, dtype=f, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=f, device=q.device)
+    for a, b in _tiles(q.shape[2]):
+        s = _tile_scores(q, k, a, b, causal, scale)
+        lse[:, :, a:b] = torch.logsumexp(s, dim=-1)
+        out[:, :, a:b] = torch.exp(s - lse[:, :, a:b, None]) @ v[:, :, : s.shape[-1]].to(f)
+    return out, lse
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
-    s = _scores(q, k, causal, scale)
-    f = s.dtype
-    p = torch.exp(s - lse.to(f)[..., None])  # (B, H, Sq, Sk), globally normalised
-    dof = dout.to(f)
-    dv = p.transpose(-1, -2) @ dof
-    dp = dof @ v.to(f).transpose(-1, -2)
-    delta = (dof * out.to(f)).sum(dim=-1, keepdim=True)  # rowsum(dout * out) of the global output
-    ds = p * (dp - delta)
-    return (ds @ k.to(f) * scale).to(q.dtype), (ds.transpose(-1, -2) @ q.to(f) * scale).to(k.dtype), dv.to(v.dtype)
+    f = _acc_dtype(q)
+    dq = torch.empty(q.shape, dtype=f, device=q.device)
+    dk = torch.zeros(k.shape, dtype=f, device=k.device)
+    dv = torch.zeros(v.shape, dtype=f, device=v.device)
+    for a, b in _tiles(q.shape[2]):
+        s = _tile_scores(q, k, a, b, causal, scale)
+        n = s.shape[-1]
+        p = torch.exp(s - lse[:, :, a:b, None].to(f))  # (B, H, tile, n), globally normalised
+        dof = dout[:, :, a:b].to(f)
+        dv[:, :, :n] += p.transpose(-1, -2) @ dof
+        dp = dof @ v[:, :, :n].to(f).transpose(-1, -2)
+        delta = (dof * out[:, :, a:b].to(f)).sum(dim=-1, keepdim=True)  # rowsum(dout * out), global out
+        ds = p * (dp - delta)
+        dq[:, :, a:b] = ds @ k[:, :, :n].to(f) * scale
+        dk[:, :, :n] += ds.transpose(-1, -2) @ q[:, :, a:b].to(f) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                   kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q to k/v (causal: square block on the diagonal) -> (out in q's dtype, lse fp32).
+    """Attention of q to k/v (causal: square block on the diagonal) -> (out, lse fp32).
 
-    float64 inputs keep a float64 lse, so float64 runs stay exact to ~1e-15.
+    out is in q's dtype from the fused kernel and in fp32 from the math kernel; float64 inputs
+    keep a float64 lse, so float64 runs stay exact to ~1e-15.
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)

@@ -104,6 +104,7 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
                cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
     ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
+    check_token_ids(ids, cfg.model.vocab_size)  # on the global batch: every rank agrees
     device = next(model.parameters()).device
     ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
     for group in opt.param_groups:
@@ -123,6 +124,12 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
     return mean.item(), norm.item()
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse out-of-range ids before sharding, so every rank fails alike (not one shard's rank)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); the batch has [{int(ids.min())}, {int(ids.max())}]")
+
+
 @torch.no_grad()
 def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: float = 0.8, top_k: int = 40,
              seed: int = 0) -> str:
@@ -138,8 +145,11 @@ def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: floa
     # pad on the right, which causal attention cannot see from the last real position, and keep
     # the padded context within max_seq_len.
     split = model.split
-    unit = tp.size * (1 if split is None else n_chunks(split.layout, split.size))
+    unit = (tp.size if tp_model.region.sp else 1) * (1 if split is None else n_chunks(split.layout, split.size))
     max_ctx = tp_model.cfg.max_seq_len // unit * unit
+    if max_ctx == 0:
+        raise ValueError(f"max_seq_len={tp_model.cfg.max_seq_len} is shorter than one token per sequence shard "
+                         f"({unit}); generation needs max_seq_len >= {unit}")
     for _ in range(n_tokens):
         ctx = ids[-max_ctx:]
         n = len(ctx)

@@ -38,10 +38,13 @@ class _Exchange:
         self.received = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
         nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
         prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
-        self.works = []
+        ops = []
         for t, buf, tag in zip(tensors, self.received, tags):
             axis.record("send_recv", phase, t)
-            self.works += [dist.isend(t, nxt, group=axis.group, tag=tag), dist.irecv(buf, prv, group=axis.group, tag=tag)]
+            ops += [dist.P2POp(dist.isend, t, nxt, axis.group, tag), dist.P2POp(dist.irecv, buf, prv, axis.group, tag)]
+        # One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the
+        # previous rank are the same peer); gloo matches the tags.
+        self.works = dist.batch_isend_irecv(ops)
 
     def wait(self) -> tuple[torch.Tensor, ...]:
         if self.works is None:

@@ -262,9 +262,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vo
     count = (targets != IGNORE_INDEX).sum().reshape(1)  # (1,)
     if batch_axis is not None and batch_axis.size > 1:
         all_reduce_(count, batch_axis, "fwd")  # (1,) global count over dp x cp
-        denominator = count.clamp(min=1) / batch_axis.size
+        denominator = count.clamp(min=1).double() / batch_axis.size  # float64: exact for any dp x cp
     else:
-        denominator = count.clamp(min=1)
+        denominator = count.clamp(min=1).double()
     return _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets, vocab_start, axis, denominator)
 
 
