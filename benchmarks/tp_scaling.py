@@ -83,13 +83,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--sp", action="store_true", help="sequence parallelism")
+    ap.add_argument("--checkpoint", default="none", choices=["none", "attention", "block"])
     ap.add_argument("--json", default=None, help="write all results here")
     a = ap.parse_args()
     model = preset(a.preset)
     results = {}
     for tp in a.tp:
         cfg = TrainConfig(model=model, parallel=ParallelConfig(tp=tp, sequence_parallel=a.sp), steps=a.warmup + a.steps,
-                          batch_size=a.batch_size, seq_len=a.seq_len, warmup=1, sample_tokens=0)
+                          batch_size=a.batch_size, seq_len=a.seq_len, warmup=1, sample_tokens=0,
+                          checkpoint=a.checkpoint)
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             launch(worker, tp, args=(cfg.to_dict(), a.warmup, f.name))
             rows = json.loads(Path(f.name).read_text())

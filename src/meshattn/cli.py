@@ -30,6 +30,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
+    p.add_argument("--checkpoint", default="none", choices=["none", "attention", "block"],
+                   help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint and metrics")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
@@ -43,7 +45,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                               cp_layout=a.cp_layout, ulysses_size=a.ulysses_size)
     return TrainConfig(model=preset(a.preset), parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
-                       lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, data=a.data, out=a.out,
+                       lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,
+                       data=a.data, out=a.out,
                        sample_tokens=a.sample_tokens)
 
 

@@ -251,6 +251,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"
+    checkpoint: str = "none"  # activation checkpointing: none | attention | block
     data: str | None = None
     out: str = "runs/default"
     sample_tokens: int = 200
@@ -267,6 +268,8 @@ class TrainConfig:
         if self.model.vocab_size < 256:
             raise ConfigError(f"vocab_size={self.model.vocab_size} cannot hold the byte-level tokens (0..255) of the "
                               "training text; use vocab_size >= 256")
+        if self.checkpoint not in ("none", "attention", "block"):
+            raise ConfigError(f"checkpoint={self.checkpoint!r} is unknown; choose none, attention or block")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or float64")
         self.parallel.check_model(self.model)

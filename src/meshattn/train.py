@@ -24,6 +24,7 @@ from .mesh import current_device
 from .model import Transformer
 from .parallel import ParallelModel, gather_state_dict, parallelize
 from .parallel.layout import n_chunks
+from .parallel.recompute import apply_checkpointing
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -32,7 +33,7 @@ def build_model(cfg: TrainConfig, mesh: DeviceMesh, counter: CommCounter | None 
     """Every rank builds the same seeded reference model and keeps its own slices of it."""
     torch.manual_seed(cfg.seed)
     ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
-    return parallelize(ref, mesh, cfg.parallel, counter)
+    return apply_checkpointing(parallelize(ref, mesh, cfg.parallel, counter), cfg.checkpoint)
 
 
 def check_same_config(cfg: TrainConfig) -> None:

@@ -21,6 +21,7 @@ from torch.autograd import Function
 from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
 from ..config import ModelConfig
 from ..model import attend, attention_core, mlp_hidden, rotary_tables
+from .recompute import block_forward
 from .shard import Shard
 
 
@@ -90,7 +91,8 @@ class ParallelAttention(ShardedModule):
         H, G, D, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         self.n_heads, self.n_kv_heads, self.head_dim = H // tp, max(G // tp, 1), D
         self.region, self.kv_axis = region, kv_axis
-        self.core = attention_core if split is None else split.attention  # context-parallel when split
+        self.plain_core = attention_core if split is None else split.attention  # context-parallel when split
+        self.core = self.plain_core  # recompute.apply_checkpointing may wrap it
         rows = (H + 2 * G) * D
         for name, start, stop, parts in (("q", 0, H * D, tp), ("k", H * D, (H + G) * D, min(G, tp)),
                                          ("v", (H + G) * D, rows, min(G, tp))):
@@ -162,8 +164,12 @@ class ParallelBlock(nn.Module):
         self.attn = ParallelAttention(cfg, f"{prefix}.attn", region, kv_axis, split)
         self.norm2 = ParallelNorm(cfg, f"{prefix}.norm2", region)
         self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region)
+        self.checkpoint = "none"  # see recompute.py
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        return block_forward(self, x, rope)
+
+    def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
