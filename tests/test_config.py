@@ -62,6 +62,7 @@ def test_model_config_errors(kwargs, pattern):
     (dict(cp=4, cp_impl="hybrid"), r"cp_impl='hybrid' needs ulysses_size dividing cp=4; legal: 1, 2, 4"),
     (dict(cp=4, cp_impl="hybrid", ulysses_size=3), r"needs ulysses_size dividing cp=4"),
     (dict(cp=4, ulysses_size=2), r"ulysses_size is only used by cp_impl='hybrid'"),
+    (dict(tp=4, node_size=6), r"node_size=6 must be a positive multiple of tp=4"),
 ])
 def test_parallel_config_errors(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -160,3 +160,34 @@ def test_model_config_is_respected_by_reference_run():
                       seq_len=16, sample_tokens=0)
     losses, _ = reference_run(cfg, _corpus())
     assert len(losses) == 2 and all(l > 0 for l in losses)
+
+
+def hierarchical(rank, world, dp, tp, node_size):
+    torch.manual_seed(0)
+    ref = Transformer(MODEL)
+    ids = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
+    ref(ids[:, :-1], ids[:, 1:])[1].backward()
+    par = ParallelConfig(dp=dp, tp=tp, node_size=node_size)
+    counter = CommCounter()
+    model = parallelize(ref, mesh_for(par), par, counter)
+    assert model.axes.hierarchy is not None
+    model(*model.shard_batch(ids[:, :-1], ids[:, 1:]))[1].backward()
+    grads = gather_state_dict(model, grads=True)
+    for name, p in ref.named_parameters(remove_duplicate=False):
+        assert_close(grads[name], p.grad, f"grad {name}")
+    local = node_size // tp
+    numel = sum(p.numel() for p in model.parameters())
+    # No flat gradient all-reduce on the batch axis; inside a node each bucket (padded to a
+    # multiple of `local`) is reduce-scattered, and across nodes only its 1/local shard moves.
+    assert counter.total(axis="dp", kind="all_reduce", phase="bwd") == 0
+    inter = counter.total(axis="node", kind="all_reduce", phase="bwd")
+    intra = counter.total(axis="local", kind="reduce_scatter", phase="bwd")
+    assert numel * 4 <= intra < numel * 4 + 64 * local and inter * local == intra
+    return inter, intra
+
+
+@pytest.mark.parametrize("world,dp,tp,node_size", [(4, 4, 1, 2), (8, 4, 2, 4)])
+def test_hierarchical_allreduce_equals_flat_and_cuts_inter_node_bytes(pools, world, dp, tp, node_size):
+    # Simulated nodes of `node_size` ranks: dp replicas grouped 2 per node, tp inside the node.
+    inter, intra = pools.run(world, hierarchical, dp=dp, tp=tp, node_size=node_size)[0]
+    assert inter * (node_size // tp) == intra

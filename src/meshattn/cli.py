@@ -23,6 +23,8 @@ def _train_parser(sub) -> None:
                    help="which sequence chunks each cp rank holds (zigzag balances causal work)")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --cp-impl hybrid")
     p.add_argument("--sp", action="store_true", help="Megatron sequence parallelism for norms/residuals")
+    p.add_argument("--node-size", type=int, default=None,
+                   help="ranks per node: gradients are reduce-scattered inside a node, all-reduced across nodes")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -42,7 +44,7 @@ def _train_parser(sub) -> None:
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
-                              cp_layout=a.cp_layout, ulysses_size=a.ulysses_size)
+                              cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size)
     return TrainConfig(model=preset(a.preset), parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,

@@ -120,7 +120,7 @@ def all_gather_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.T
     return torch.cat(out.view(axis.size, *x.shape).unbind(0), dim=dim)  # x.shape with dim scaled by p
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
+def reduce_scatter_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
     chunks = torch.stack(x.chunk(axis.size, dim=dim))  # (p, *chunk): slot j is reduced onto rank j
     out = x.new_empty(chunks.shape[1:])
     axis.record("reduce_scatter", phase, chunks)
@@ -212,7 +212,7 @@ class _AllGather(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.axis, "bwd"), None, None
+        return reduce_scatter_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
 
 
 class _ReduceScatter(Function):
@@ -222,7 +222,7 @@ class _ReduceScatter(Function):
     @staticmethod
     def forward(ctx, x, dim, axis):
         ctx.dim, ctx.axis = dim, axis
-        return _reduce_scatter(x, dim, axis, "fwd")
+        return reduce_scatter_raw(x, dim, axis, "fwd")
 
     @staticmethod
     def backward(ctx, grad):

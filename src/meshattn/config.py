@@ -145,6 +145,7 @@ class ParallelConfig:
     cp_impl: str = "ring"
     cp_layout: str = "zigzag"
     ulysses_size: int | None = None
+    node_size: int | None = None  # ranks per node: makes the gradient all-reduce hierarchical
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp"):
@@ -159,7 +160,10 @@ class ParallelConfig:
             if self.ulysses_size is None or self.ulysses_size < 1 or self.cp % self.ulysses_size:
                 raise ConfigError(f"cp_impl='hybrid' needs ulysses_size dividing cp={self.cp}; legal: "
                                   f"{_legal(divisors(self.cp))}")
-        elif self.ulysses_size is not None:
+        if self.node_size is not None and (self.node_size < 1 or self.node_size % self.tp):
+            raise ConfigError(f"node_size={self.node_size} must be a positive multiple of tp={self.tp} (tensor-"
+                              "parallel groups stay inside a node)")
+        if self.cp_impl != "hybrid" and self.ulysses_size is not None:
             raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
 
     @property
@@ -167,6 +171,8 @@ class ParallelConfig:
         return self.dp * self.cp * self.tp
 
     def check_world(self, world_size: int) -> None:
+        if self.node_size is not None and world_size % self.node_size:
+            raise ConfigError(f"node_size={self.node_size} does not divide the world size {world_size}")
         if self.world_size != world_size:
             raise ConfigError(
                 f"dp*cp*tp = {self.dp}*{self.cp}*{self.tp} = {self.world_size} does not match the "

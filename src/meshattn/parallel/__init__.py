@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..comm import Axis, CommCounter
 from ..config import ParallelConfig
 from ..model import Transformer
-from .data import local_batch, no_sync, unwrap, wrap_data_parallel
+from .data import Hierarchy, local_batch, no_sync, unwrap, wrap_data_parallel
 from .shard import Shard, check_shards, collect_shards, gather_full, load_full_state_dict
 from .context import SequenceSplit, context_group
 from .tensor import TensorParallelTransformer
@@ -31,6 +31,7 @@ class MeshAxes:
     tp: Axis
     kv: Axis  # replicas of one KV head inside tp (size 1 unless n_kv_heads < tp)
     batch: Axis  # dp x cp together: the ranks holding different tokens, over which gradients average
+    hierarchy: Hierarchy | None = None  # the batch axis split into (node, local) for gradient all-reduce
 
 
 def _split_axis(mesh: DeviceMesh, grid: torch.Tensor, names: tuple[str, ...], name: str,
@@ -40,9 +41,11 @@ def _split_axis(mesh: DeviceMesh, grid: torch.Tensor, names: tuple[str, ...], na
     return Axis.of(DeviceMesh(mesh.device_type, grid, mesh_dim_names=names), name, counter)
 
 
-def mesh_axes(mesh: DeviceMesh, n_kv_heads: int, counter: CommCounter | None = None) -> MeshAxes:
-    """Axis handles for the named dp x cp x tp mesh, plus two derived ones: the KV-head replica
-    groups inside tp when n_kv_heads < tp, and the flattened dp x cp batch axis."""
+def mesh_axes(mesh: DeviceMesh, n_kv_heads: int, counter: CommCounter | None = None,
+              node_size: int | None = None) -> MeshAxes:
+    """Axis handles for the named dp x cp x tp mesh, plus derived ones: the KV-head replica
+    groups inside tp when n_kv_heads < tp, the flattened dp x cp batch axis, and, with node_size
+    (ranks per node), that batch axis split into nodes x local ranks."""
     dp, cp, tp = (Axis.of(mesh, name, counter) for name in ("dp", "cp", "tp"))
     kv = Axis.single("kv")
     if n_kv_heads < tp.size:
@@ -52,7 +55,14 @@ def mesh_axes(mesh: DeviceMesh, n_kv_heads: int, counter: CommCounter | None = N
         batch = _split_axis(mesh, mesh.mesh.reshape(dp.size * cp.size, tp.size), ("dpcp", "tp"), "dpcp", counter)
     else:
         batch = cp if cp.size > 1 else dp
-    return MeshAxes(dp, cp, tp, kv, batch)
+    hierarchy = None
+    local = (node_size or 0) // tp.size
+    if local > 1 and batch.size > local and batch.size % local == 0:
+        grid = mesh.mesh.reshape(batch.size // local, local, tp.size)
+        names = ("node", "local", "tp")
+        hierarchy = Hierarchy(_split_axis(mesh, grid, names, "node", counter),
+                              _split_axis(mesh, grid, names, "local", counter), batch.size)
+    return MeshAxes(dp, cp, tp, kv, batch, hierarchy)
 
 
 class ParallelModel(nn.Module):
@@ -67,7 +77,7 @@ class ParallelModel(nn.Module):
                  counter: CommCounter | None, split: SequenceSplit | None):
         super().__init__()
         self.axes, self.shards, self.counter, self.split = axes, shards, counter, split
-        self.inner = wrap_data_parallel(inner, axes.batch)
+        self.inner = wrap_data_parallel(inner, axes.batch, hierarchy=axes.hierarchy)
 
     @property
     def tp_model(self) -> TensorParallelTransformer:
@@ -97,7 +107,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig,
     for name in ("dp", "cp", "tp"):
         if mesh[name].size() != getattr(cfg, name):
             raise ValueError(f"mesh axis {name} has size {mesh[name].size()} but the config says {getattr(cfg, name)}")
-    axes = mesh_axes(mesh, model.cfg.n_kv_heads, counter)
+    axes = mesh_axes(mesh, model.cfg.n_kv_heads, counter, cfg.node_size)
     split = None
     if cfg.cp > 1:
         group = context_group(mesh, "cp", cfg.ulysses_size if cfg.cp_impl == "hybrid" else None, counter)
