@@ -78,14 +78,20 @@ def single(shape, iters, out):
                                       "threads": torch.get_num_threads()}]))
 
 
-def parallel(shape, impl, layout, ulysses_size, iters, out):
-    p, rank = dist.get_world_size(), dist.get_rank()
+def _cp_group(impl: str, ulysses_size: int | None):
+    """(group for context_attention, the plain cp axis for sharding) over all ranks."""
+    p = dist.get_world_size()
     if impl == "hybrid":
         group = context_group(build_mesh(ParallelConfig(cp=p, cp_impl="hybrid", ulysses_size=ulysses_size)), "cp",
                               ulysses_size)
-        axis = group.axis
-    else:
-        group = axis = Axis("cp", dist.group.WORLD, p, rank)
+        return group, group.axis
+    axis = Axis("cp", dist.group.WORLD, p, dist.get_rank())
+    return axis, axis
+
+
+def parallel(shape, impl, layout, ulysses_size, iters, out):
+    p, rank = dist.get_world_size(), dist.get_rank()
+    group, axis = _cp_group(impl, ulysses_size)
     q, k, v, dout = (shard_sequence(t, axis, 2, layout) for t in _inputs(*shape, torch.float32))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
@@ -104,12 +110,7 @@ def parallel(shape, impl, layout, ulysses_size, iters, out):
 
 def bf16_error(shape, impl, ulysses_size, out):
     p, rank = dist.get_world_size(), dist.get_rank()
-    if impl == "hybrid":
-        group = context_group(build_mesh(ParallelConfig(cp=p, cp_impl="hybrid", ulysses_size=ulysses_size)), "cp",
-                              ulysses_size)
-        axis = group.axis
-    else:
-        group = axis = Axis("cp", dist.group.WORLD, p, rank)
+    group, axis = _cp_group(impl, ulysses_size)
     q, k, v, dout = _inputs(*shape, torch.float64)
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     rep = shape[1] // shape[2]
