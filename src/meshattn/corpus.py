@@ -69,16 +69,13 @@ class Corpus:
         """Refuse, before training, a text too short for seq_len in either split."""
         for split, data in (("train", self.train), ("validation", self.val)):
             if len(data) <= seq_len + 1:
-                raise ValueError(f"the {split} split has {len(data)} bytes, not more than seq_len+1={seq_len + 1} "
-                                 f"(it is {'95' if split == 'train' else '5'}% of the text); give more text or "
-                                 "a shorter --seq-len")
+                raise ValueError(f"the {split} split has {len(data)} bytes, not more than seq_len+1={seq_len + 1}; "
+                                 "give more text or a shorter --seq-len")
 
     def batch(self, step: int, batch_size: int, seq_len: int, seed: int, split: str = "train"):
         """Global batch for `step`: ids and next-token targets, each (batch_size, seq_len) int64."""
+        self.check(seq_len)
         data = self.train if split == "train" else self.val
-        if len(data) <= seq_len + 1:
-            raise ValueError(f"the {split} text has {len(data)} bytes, fewer than seq_len+1={seq_len + 1}; "
-                             "give more data or a shorter --seq-len")
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 2 + (split != "train"))
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
         rows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()  # (B, S+1)
