@@ -31,7 +31,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16"],
+                   help="bfloat16: autocast with fp32 weights, fp32 softmax statistics and loss")
     p.add_argument("--checkpoint", default="none", choices=["none", "attention", "block"],
                    help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")

@@ -276,8 +276,9 @@ class TrainConfig:
                               "training text; use vocab_size >= 256")
         if self.checkpoint not in ("none", "attention", "block"):
             raise ConfigError(f"checkpoint={self.checkpoint!r} is unknown; choose none, attention or block")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or float64")
+        if self.dtype not in ("float32", "float64", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32, float64 or bfloat16 "
+                              "(bf16 autocast with fp32 weights)")
         self.parallel.check_model(self.model)
         self.parallel.check_batch(self.batch_size, self.seq_len, self.grad_accum)
 

@@ -79,7 +79,8 @@ def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope
     k = k.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
     v = v.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
     if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # Under autocast the tables stay fp32; keep q and k in the projections' precision.
+        q, k = apply_rotary(q, *rope).to(v.dtype), apply_rotary(k, *rope).to(v.dtype)
     y = core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, D)
     return y.transpose(1, 2).reshape(B, S, n_heads * head_dim)  # (B, S, H*D)
 

@@ -7,6 +7,7 @@ replica see the same rows. The reported loss is the global mean (averaged over d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,7 +27,15 @@ from .parallel import ParallelModel, gather_state_dict, parallelize
 from .parallel.layout import n_chunks
 from .parallel.recompute import apply_checkpointing
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
+# forward under autocast, with softmax statistics, merges and the loss in fp32.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_model(cfg: TrainConfig, mesh: DeviceMesh, counter: CommCounter | None = None) -> ParallelModel:
@@ -115,7 +124,8 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
     micro_ids, micro_targets = ids.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)
     for i, (x, y) in enumerate(zip(micro_ids, micro_targets)):
         with model.no_sync(skip=i < cfg.grad_accum - 1):
-            _, loss = model(x, y)
+            with autocast(cfg, device):
+                _, loss = model(x, y)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().double()
     norm = clip_grads(model, cfg.grad_clip)
@@ -194,7 +204,8 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
     for i in range(batches):
         ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
         ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
-        _, loss = model.tp_model(ids, targets)
+        with autocast(cfg, device):
+            _, loss = model.tp_model(ids, targets)
         total += loss.double()
     model.train()
     batch = model.axes.batch

@@ -228,6 +228,8 @@ class _VocabParallelCrossEntropy(Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, axis, denominator):
+        ctx.input_dtype = logits.dtype
+        logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits  # fp32 statistics
         valid = targets != IGNORE_INDEX  # (N,)
         weight = valid.to(logits.dtype) / denominator.to(logits.dtype)  # (N,) 1/denominator or 0
         row_max = logits.max(dim=-1).values  # (N,)
@@ -252,7 +254,7 @@ class _VocabParallelCrossEntropy(Function):
         g = weighted_softmax.clone()  # (N, V/tp)
         rows = torch.arange(g.shape[0], device=g.device)
         g[rows, local_t] -= owned.to(g.dtype) * weight
-        return g.mul_(grad), None, None, None, None
+        return g.mul_(grad).to(ctx.input_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
