@@ -121,3 +121,5 @@ def test_wire_bytes_use_ring_factors():
     c.record("tp", 4, "all_gather", "bwd", 100, 4)
     assert c.total(axis="tp") == 800 and c.total(kind="all_reduce") == 400
     assert c.wire_bytes("tp") == pytest.approx(400 * 2 * 3 / 4 + 400 * 3 / 4)
+    assert c.as_dict() == {"tp/all_gather/bwd": {"calls": 1, "bytes": 400},
+                           "tp/all_reduce/fwd": {"calls": 1, "bytes": 400}}
