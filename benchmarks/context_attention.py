@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--impls", nargs="+", default=["ring:zigzag", "ring:contiguous", "ulysses:zigzag",
                                                    "allgather:zigzag", "hybrid:zigzag"])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the single process and every layout this many times, alternating, and report "
+                         "the median ratio per layout (the machine's load drifts between runs)")
     ap.add_argument("--bf16-error", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -160,25 +163,32 @@ def main() -> None:
                 results.append({"impl": impl, "cp": p, **errs})
                 print(f"  {impl:9s} cp={p}: " + "  ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
     else:
-        base = _run(single, 1, (shape, a.iters))[0]
-        print(f"single process SDPA, {base['threads']} threads, B,H,G,S,D={shape}: fwd+bwd {base['time'] * 1e3:.0f} ms, "
-              f"attention memory {base['mem'] / 2**20:.0f} MiB (inputs + {base['added'] / 2**20:.0f} MiB added)",
-              flush=True)
-        results.append({"impl": "sdpa", "cp": 1, **base})
-        for p in a.cp:
-            for spec in a.impls:
-                impl, layout = spec.split(":")
-                if impl == "hybrid" and p < 4:
-                    continue
-                rows = _run(parallel, p, (shape, impl, layout, 2 if impl == "hybrid" else None, a.iters))
-                t = max(r["time"] for r in rows)
-                mem = max(r["mem"] for r in rows)
-                results.append({"impl": impl, "layout": layout, "cp": p, "time": t, "mem": mem,
-                                "ratio": t / base["time"], "mem_fraction": mem / base["mem"],
-                                "threads": rows[0]["threads"]})
-                print(f"  cp={p} {impl:9s} {layout:10s} threads/rank {rows[0]['threads']}: fwd+bwd {t * 1e3:6.0f} ms "
-                      f"= {t / base['time']:.2f}x single; attention memory per rank {mem / 2**20:6.0f} MiB "
-                      f"= {mem / base['mem']:.2f} of single (1/p = {1 / p:.2f})", flush=True)
+        ratios: dict[str, list[float]] = {}
+        for round_ in range(a.rounds):
+            base = _run(single, 1, (shape, a.iters))[0]
+            print(f"[round {round_ + 1}/{a.rounds}] single process SDPA, {base['threads']} threads, B,H,G,S,D={shape}: "
+                  f"fwd+bwd {base['time'] * 1e3:.0f} ms, attention memory {base['mem'] / 2**20:.0f} MiB "
+                  f"(inputs + {base['added'] / 2**20:.0f} MiB added)", flush=True)
+            results.append({"impl": "sdpa", "cp": 1, "round": round_, **base})
+            for p in a.cp:
+                for spec in a.impls:
+                    impl, layout = spec.split(":")
+                    if impl == "hybrid" and p < 4:
+                        continue
+                    rows = _run(parallel, p, (shape, impl, layout, 2 if impl == "hybrid" else None, a.iters))
+                    t = max(r["time"] for r in rows)
+                    mem = max(r["mem"] for r in rows)
+                    results.append({"impl": impl, "layout": layout, "cp": p, "round": round_, "time": t, "mem": mem,
+                                    "ratio": t / base["time"], "mem_fraction": mem / base["mem"],
+                                    "threads": rows[0]["threads"]})
+                    ratios.setdefault(f"cp={p} {impl} {layout}", []).append(t / base["time"])
+                    print(f"  cp={p} {impl:9s} {layout:10s} threads/rank {rows[0]['threads']}: fwd+bwd {t * 1e3:6.0f} ms "
+                          f"= {t / base['time']:.2f}x single; attention memory per rank {mem / 2**20:6.0f} MiB "
+                          f"= {mem / base['mem']:.2f} of single (1/p = {1 / p:.2f})", flush=True)
+        if a.rounds > 1:
+            print("median time ratio over rounds (min - max):")
+            for name, r in ratios.items():
+                print(f"  {name:28s} {statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f})")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

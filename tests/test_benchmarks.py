@@ -1,0 +1,27 @@
+"""The benchmark scripts that BENCHMARKS.md quotes still run (tiny sizes; figures not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(args: list[str]) -> str:
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_context_attention_benchmark_runs():
+    out = _run(["benchmarks/context_attention.py", "--seq", "64", "--cp", "2", "--iters", "1", "--rounds", "2",
+                "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--impls", "ring:zigzag", "ulysses:contiguous"])
+    assert "median time ratio over rounds" in out and "cp=2 ring" in out
+
+
+def test_tp_scaling_benchmark_runs():
+    out = _run(["benchmarks/tp_scaling.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "32",
+                "--steps", "1", "--warmup", "1", "--tp", "2", "--checkpoint", "block"])
+    assert "tp=2" in out and "measured" in out
