@@ -43,12 +43,49 @@ class Region:
     def exit(self, x: torch.Tensor) -> torch.Tensor:  # partial (B, S, h) -> (B, S/tp | S, h)
         return reduce_scatter(x, 1, self.axis) if self.sp else reduce_from_group(x, self.axis)
 
+    def column_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """enter(x) followed by a column-parallel linear: (B, S/tp | S, h) -> (B, S, out/tp).
+
+        Without sequence parallelism the two are fused so that backward overlaps the all-reduce
+        of the input gradient with the weight-gradient matmul (Megatron's async all-reduce)."""
+        if self.sp or self.axis.size == 1:
+            return F.linear(self.enter(x), weight, bias)
+        return _CopyLinear.apply(x, weight, bias, self.axis)
+
     def replicated(self, p: torch.Tensor | None) -> torch.Tensor | None:
         return copy_to_group(p, self.axis) if (self.sp and p is not None) else p
 
     def local_seq(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's sequence shard of a replicated tensor (a no-op without sequence parallelism)."""
         return x.chunk(self.axis.size, dim=dim)[self.axis.rank] if self.sp else x
+
+
+class _CopyLinear(Function):
+    """y = x W^T + b with x replicated over tp (forward: no communication). Backward: the input
+    gradient x' = y' W is all-reduced over tp asynchronously while W' = y'^T x and b' are computed,
+    then waited for: the same bytes as copy_to_group, hidden behind the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, axis):
+        if torch.is_autocast_enabled(x.device.type):  # save what the matmuls will use
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        ctx.axis, ctx.has_bias = axis, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = (g2 @ weight).view(x.shape)  # (B, S, h), partial: this rank's heads/columns only
+        ctx.axis.record("all_reduce", "bwd", grad_x)
+        work = torch.distributed.all_reduce(grad_x, group=ctx.axis.group, async_op=True)
+        grad_w = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, h)
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        work.wait()
+        return grad_x, grad_w, grad_b, None
 
 
 class ShardedModule(nn.Module):
@@ -104,14 +141,13 @@ class ParallelAttention(ShardedModule):
         self.declare("proj_bias", b)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = self.region.enter(x)  # (B, S, h)
         wk, wv = copy_to_group(self.wk, self.kv_axis), copy_to_group(self.wv, self.kv_axis)
         weight = torch.cat([self.wq, wk, wv])  # ((H/tp + 2 G_local) * D, h)
         bias = None
         if self.bq is not None:
             bias = torch.cat([self.bq, copy_to_group(self.bk, self.kv_axis), copy_to_group(self.bv, self.kv_axis)])
-        y = attend(F.linear(x, weight, bias), self.n_heads, self.n_kv_heads, self.head_dim, rope,
-                   self.core)  # (B, S, H/tp*D)
+        qkv = self.region.column_linear(x, weight, bias)  # (B, S, (H/tp + 2 G_local) * D)
+        y = attend(qkv, self.n_heads, self.n_kv_heads, self.head_dim, rope, self.core)  # (B, S, H/tp*D)
         out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -133,9 +169,11 @@ class ParallelMLP(ShardedModule):
         self.declare("proj_bias", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.region.enter(x)  # (B, S, h)
-        fc = F.linear(x, self.fc_weight, self.fc_bias)  # (B, S, F/tp)
-        gate = None if self.gate_weight is None else F.linear(x, self.gate_weight, self.gate_bias)
+        if self.gate_weight is None:
+            fc, gate = self.region.column_linear(x, self.fc_weight, self.fc_bias), None  # (B, S, F/tp)
+        else:  # fc and gate share their input: one entry, one matmul
+            bias = None if self.fc_bias is None else torch.cat([self.fc_bias, self.gate_bias])
+            fc, gate = self.region.column_linear(x, torch.cat([self.fc_weight, self.gate_weight]), bias).chunk(2, -1)
         out = self.region.exit(F.linear(mlp_hidden(fc, gate), self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -208,10 +246,11 @@ class VocabParallelHead(ShardedModule):
 
     def __init__(self, cfg: ModelConfig, region: Region):
         super().__init__()
+        self.region = region
         self.declare("weight", Shard("head.weight", (cfg.vocab_size, cfg.d_model), 0, region.axis.size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, h) -> (B, S, V/tp)
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S/tp | S, h) -> (B, S, V/tp)
+        return self.region.column_linear(x, self.weight, None)
 
 
 IGNORE_INDEX = -100  # as in F.cross_entropy: targets equal to it do not count
@@ -304,7 +343,7 @@ class TensorParallelTransformer(nn.Module):
             rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, rope)
-        logits = self.head(self.region.enter(self.norm(x)))  # (B, S/cp, V/tp)
+        logits = self.head(self.norm(x))  # (B, S/cp, V/tp)
         loss = None
         if targets is not None:
             loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, self.tp_axis,
