@@ -26,6 +26,7 @@ from .model import Transformer
 from .parallel import ParallelModel, gather_state_dict, parallelize
 from .parallel.layout import n_chunks
 from .parallel.recompute import apply_checkpointing
+from .parallel.tensor import check_token_ids
 
 # Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
 # forward under autocast, with softmax statistics, merges and the loss in fp32.
@@ -114,7 +115,7 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
                cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
     ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
-    check_token_ids(ids, cfg.model.vocab_size)  # on the global batch: every rank agrees
+    check_token_ids(ids, cfg.model.vocab_size)  # on the global batch, before sharding: every rank agrees
     device = next(model.parameters()).device
     ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
     for group in opt.param_groups:
@@ -133,12 +134,6 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
     batch = model.axes.batch
     mean = all_reduce_(loss_sum / (cfg.grad_accum * batch.size), batch, "step")  # (1,) mean over dp x cp
     return mean.item(), norm.item()
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse out-of-range ids before sharding, so every rank fails alike (not one shard's rank)."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); the batch has [{int(ids.min())}, {int(ids.max())}]")
 
 
 @torch.no_grad()

@@ -28,28 +28,28 @@ from .shard import Shard
 class Region:
     """Entry and exit of a tensor-parallel region, and replicated parameters used beside it.
 
-    Without sequence parallelism activations between regions are replicated: enter = identity
-    forward / all-reduce backward, exit = all-reduce forward. With it they are sequence shards
-    (dim 1): enter = all-gather, exit = reduce-scatter, and replicated parameters that touch the
-    shards (norms, biases after the exit, positions) have their gradients summed over tp.
+    Without sequence parallelism activations between regions are replicated: the entry is
+    identity forward / all-reduce backward (fused with the column-parallel matmul that follows),
+    the exit an all-reduce forward. With it they are sequence shards (dim 1): the entry is an
+    all-gather, the exit a reduce-scatter, and replicated parameters that touch the shards (norms,
+    biases after the exit, positions) have their gradients summed over tp.
     """
 
     def __init__(self, axis: Axis, sequence_parallel: bool):
         self.axis, self.sp = axis, sequence_parallel and axis.size > 1
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:  # (B, S/tp | S, h) -> (B, S, h)
-        return all_gather(x, 1, self.axis) if self.sp else copy_to_group(x, self.axis)
-
     def exit(self, x: torch.Tensor) -> torch.Tensor:  # partial (B, S, h) -> (B, S/tp | S, h)
         return reduce_scatter(x, 1, self.axis) if self.sp else reduce_from_group(x, self.axis)
 
     def column_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """enter(x) followed by a column-parallel linear: (B, S/tp | S, h) -> (B, S, out/tp).
+        """Enter the region and apply a column-parallel linear: (B, S/tp | S, h) -> (B, S, out/tp).
 
-        Without sequence parallelism the two are fused so that backward overlaps the all-reduce
-        of the input gradient with the weight-gradient matmul (Megatron's async all-reduce)."""
-        if self.sp or self.axis.size == 1:
-            return F.linear(self.enter(x), weight, bias)
+        Without sequence parallelism the entry is fused with the matmul so that backward overlaps
+        the all-reduce of the input gradient with the weight gradient (Megatron's async all-reduce)."""
+        if self.axis.size == 1:
+            return F.linear(x, weight, bias)
+        if self.sp:
+            return F.linear(all_gather(x, 1, self.axis), weight, bias)  # (B, S, h) gathered
         return _CopyLinear.apply(x, weight, bias, self.axis)
 
     def replicated(self, p: torch.Tensor | None) -> torch.Tensor | None:
@@ -212,6 +212,12 @@ class ParallelBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse ids outside [0, vocab_size): no vocabulary shard owns them."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise IndexError(f"token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+
+
 class VocabParallelEmbedding(ShardedModule):
     """Rows [r*V/tp, (r+1)*V/tp) of the token embedding; learned positions replicated."""
 
@@ -227,9 +233,7 @@ class VocabParallelEmbedding(ShardedModule):
         self.declare("pos_weight", Shard("pos_emb.weight", (cfg.max_seq_len, cfg.d_model)) if learned else None)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            # Out-of-range ids would fall outside every shard and embed as zeros, silently.
-            raise IndexError(f"token ids must lie in [0, {self.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+        check_token_ids(ids, self.vocab_size)  # out-of-range ids would embed as zeros, silently
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, S)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
