@@ -121,10 +121,10 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     n_rep = q.shape[1] // k.shape[1]
     ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if pick_kernel(kernel, q) == "flash":
-        # The CPU kernel wants out and dout in the inputs' dtype and a contiguous layout.
+        # The CPU kernel wants out and dout in the inputs' dtype; it reads strided slices as they
+        # are, so no contiguous copies are made here.
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype).contiguous(), q, ke, ve, out.to(q.dtype).contiguous(), lse.contiguous(), 0.0, causal,
-            scale=scale)
+            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse, 0.0, causal, scale=scale)
     else:
         dq, dk, dv = _math_backward(dout, q, ke, ve, out, lse, causal, scale)
     return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)

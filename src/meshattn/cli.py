@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from .config import PRESETS, ConfigError, ParallelConfig, TrainConfig, preset
 
@@ -41,6 +43,85 @@ def _train_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on GPU, else gloo")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time and memory of parallel layouts side by side, with the single process "
+                                     "and PyTorch-native tensor parallelism as peers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset; sizes below override it")
+    for flag in ("d-model", "n-heads", "n-kv-heads", "n-layers", "d-ff"):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.add_argument("--world", type=int, default=2, help="ranks for the default layout list")
+    p.add_argument("--layouts", nargs="+", default=None,
+                   help="e.g. single native-tp2 tp2 tp2+sp dp2 cp2:ring cp2:ulysses dp2xtp2 cp4:hybrid2 "
+                        "(default: every valid layout of --world ranks, plus the two peers)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[256], help="one or more (several: a scaling plot)")
+    p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed forward+backward steps per layout")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and the PNG plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _bench_model(a: argparse.Namespace):
+    sizes = {"d_model": a.d_model, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "n_layers": a.n_layers,
+             "d_ff": a.d_ff}
+    overrides = {k: v for k, v in sizes.items() if v is not None}
+    if "n_heads" in overrides and "n_kv_heads" not in overrides:
+        overrides["n_kv_heads"] = overrides["n_heads"]  # --n-heads alone means plain multi-head attention
+    base = preset(a.preset)
+    return preset(a.preset, max_seq_len=max(base.max_seq_len, *a.seq_len), **overrides)
+
+
+def run_bench_command(a: argparse.Namespace) -> int:
+    from .bench import default_layouts, parse_layout, run_bench
+    from .bench.layouts import check_layout
+    from .bench.report import native_ratios, plot, table, write_json
+    from .launch import WorkerFailed, under_torchrun
+
+    if under_torchrun(os.environ):
+        raise ConfigError("meshattn bench starts fresh worker processes for every layout; run it directly, "
+                          "not under torchrun")
+    model = _bench_model(a)
+    if a.layouts:
+        layouts = [parse_layout(n) for n in a.layouts]
+        for layout in layouts:
+            for s in a.seq_len:
+                check_layout(layout, model, a.batch_size, s)
+    else:
+        layouts = default_layouts(a.world, model, a.batch_size, max(a.seq_len))
+    print(f"meshattn bench: d_model={model.d_model} heads={model.n_heads}/{model.n_kv_heads} layers={model.n_layers} "
+          f"d_ff={model.d_ff}, batch {a.batch_size}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed fwd+bwd steps; "
+          f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
+    try:
+        results = run_bench(model, layouts, a.seq_len, a.batch_size, a.warmup, a.steps, a.dtype, a.backend,
+                            a.timeout, progress=not a.no_progress, data=a.data)
+    except WorkerFailed as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 1
+    print(table(results))
+    for line in native_ratios(results):
+        print(line)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "meshattn bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+            "model": dataclasses.asdict(model), "cpu_count": os.cpu_count(), "torch": torch_version()}
+    write_json(results, meta, out / "bench.json")
+    written = [] if a.no_plots else plot(results, out, f"d_model {model.d_model}, batch {a.batch_size}")
+    print(f"wrote {out / 'bench.json'}" + "".join(f", {p}" for p in written), flush=True)
+    return 0
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -85,14 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _bench_parser(sub)
     a = parser.parse_args(argv)
-    from .launch import WorkerFailed, launch
-
     try:
-        cfg = config_from_args(a)
+        if a.command == "bench":
+            return run_bench_command(a)
+        return run_train_command(a)
     except ConfigError as e:
         print(f"meshattn: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_train_command(a: argparse.Namespace) -> int:
+    from .launch import WorkerFailed, launch
+
+    cfg = config_from_args(a)
     if os.environ.get("RANK", "0") == "0":
         print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
               f"{_layout_name(cfg.parallel)}, "

@@ -74,15 +74,15 @@ class SavedActivations:
     """
 
     def __init__(self, exclude=()):
-        self._exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self._exclude = {s.data_ptr() for p in exclude for s in _storages(p)}
         self._seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._exclude:
-            self._seen[ptr] = storage.nbytes()
+        for storage in _storages(t):
+            ptr = storage.data_ptr()
+            if ptr not in self._exclude:
+                self._seen[ptr] = storage.nbytes()
         return t
 
     def __enter__(self) -> SavedActivations:
@@ -95,3 +95,13 @@ class SavedActivations:
     @property
     def nbytes(self) -> int:
         return sum(self._seen.values())
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages holding t's data: its own, or for a wrapper subclass such as DTensor the
+    storages of the tensors it wraps (this rank's shard), found through __tensor_flatten__."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        inner = (getattr(t, name) for name in names)
+        return [s for x in inner if torch.is_tensor(x) for s in _storages(x)]
+    return [t.untyped_storage()]

@@ -68,11 +68,10 @@ def attend_chunks(q, q_chunks, k, v, k_chunks, causal, scale, kernel, out, lse) 
 def _accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: torch.Tensor) -> torch.Tensor:
     """acc[:, :, region] += g, creating acc on first use; a block that covers the whole tensor
     becomes the accumulator itself, saving one full-size buffer."""
-    f = acc_dtype(like)
     if acc is None:
         if g.shape == like.shape:
-            return g.to(f)
-        acc = torch.zeros(like.shape, dtype=f, device=like.device)
+            return g.to(acc_dtype(like))
+        acc = zeros_accumulator(like)
     acc[:, :, region] += g
     return acc
 
@@ -89,8 +88,16 @@ def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, 
         dq = _accumulate(dq, q, rows, g_q)
         dk = _accumulate(dk, k, cols, g_k)
         dv = _accumulate(dv, v, cols, g_v)
-    zeros = lambda t: torch.zeros(t.shape, dtype=acc_dtype(t), device=t.device)  # noqa: E731 - nothing attended
-    return (zeros(q) if dq is None else dq), (zeros(k) if dk is None else dk), (zeros(v) if dv is None else dv)
+        del g_q, g_k, g_v  # one block's gradients alive at a time
+    z = zeros_accumulator  # where nothing attended
+    return (z(q) if dq is None else dq), (z(k) if dk is None else dk), (z(v) if dv is None else dv)
+
+
+def zeros_accumulator(like: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like `like` (B, H, S, D) in the accumulation dtype, laid out (B, S, H, D) in
+    memory like the CPU kernel's gradients (so a ring hop sends them without a copy)."""
+    B, H, S, D = like.shape
+    return torch.zeros((B, S, H, D), dtype=acc_dtype(like), device=like.device).transpose(1, 2)
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:

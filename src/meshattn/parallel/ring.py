@@ -27,21 +27,36 @@ from .blocks import ChunkAttention, attend_chunks, attend_chunks_backward, empty
 _K_TAG, _V_TAG, _DK_TAG, _DV_TAG = 17, 18, 19, 20
 
 
-class _Exchange:
-    """One ring hop of several tensors: each is sent to the next rank while a same-shaped one is
-    received from the previous. Posted at construction, completed by `wait()`, which returns the
-    received tensors; a second wait is a bug and raises."""
+def _bshd(t: torch.Tensor) -> torch.Tensor:
+    """t (B, H, S, D) laid out (B, S, H, D) in memory, the layout the CPU kernel returns
+    gradients in; a copy only when it is not already."""
+    return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], tags: tuple[int, ...], axis: Axis, phase: str):
-        tensors = tuple(t.contiguous() for t in tensors)  # a kernel's gradient may come back strided
-        self.sent = tensors  # kept alive until wait()
-        self.received = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
+
+# Wire layouts, fixed per kind of tensor so that both ends of a hop agree whatever strides the
+# caller's tensors have: K/V travel contiguous (B, H, S, D); dK/dV travel (B, S, H, D), the
+# kernel's own gradient layout, so accumulators are sent without a copy.
+_LAYOUTS = {"bhsd": (lambda t: t.contiguous(), lambda t: t),
+            "bshd": (_bshd, lambda t: t.transpose(1, 2))}
+
+
+class _Exchange:
+    """One ring hop of several (B, H, S, D) tensors: each is sent to the next rank while a
+    same-shaped one is received from the previous. Posted at construction, completed by `wait()`,
+    which returns the received tensors; a second wait is a bug and raises."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], tags: tuple[int, ...], axis: Axis, phase: str,
+                 layout: str = "bhsd"):
+        to_wire, flat = _LAYOUTS[layout]
+        self.sent = tuple(to_wire(t) for t in tensors)  # kept alive until wait()
+        self.received = tuple(to_wire(torch.empty(t.shape, dtype=t.dtype, device=t.device)) for t in tensors)
         nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
         prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
         ops = []
-        for t, buf, tag in zip(tensors, self.received, tags):
+        for t, buf, tag in zip(self.sent, self.received, tags):
             axis.record("send_recv", phase, t)
-            ops += [dist.P2POp(dist.isend, t, nxt, axis.group, tag), dist.P2POp(dist.irecv, buf, prv, axis.group, tag)]
+            ops += [dist.P2POp(dist.isend, flat(t), nxt, axis.group, tag),
+                    dist.P2POp(dist.irecv, flat(buf), prv, axis.group, tag)]
         # One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the
         # previous rank are the same peer); gloo matches the tags.
         self.works = dist.batch_isend_irecv(ops)
@@ -51,8 +66,9 @@ class _Exchange:
             raise RuntimeError("ring exchange waited twice")
         for w in self.works:
             w.wait()
-        self.works = None
-        return self.received
+        self.works = self.sent = None  # the sent buffers may be freed now
+        received, self.received = self.received, None
+        return received
 
 
 class _RingAttention(Function):
@@ -86,7 +102,7 @@ class _RingAttention(Function):
             if incoming is not None:
                 for mine, theirs in zip(dkv, incoming.wait()):
                     mine += theirs
-            incoming = _Exchange(dkv, (_DK_TAG, _DV_TAG), axis, "bwd")
+            incoming = _Exchange(dkv, (_DK_TAG, _DV_TAG), axis, "bwd", layout="bshd")
             if hop is not None:
                 kv = hop.wait()
         dk, dv = incoming.wait()  # our own block's accumulators, home after p hops

@@ -1,0 +1,117 @@
+"""Benchmark layouts: what `meshattn bench` runs, by name.
+
+A layout name is either a peer or a meshattn mesh:
+
+    single              the reference model in one process (all cores)
+    native-tp2          PyTorch's own tensor parallelism (DTensor parallelize_module) at tp=2
+    tp2                 meshattn tensor parallelism; "tp2+sp" adds sequence parallelism
+    dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp], cp<N>[:impl[:layout]]
+    cp2:ring            context parallelism: impl ring | ulysses | allgather | hybrid<U>
+    cp4:hybrid2:zigzag  (U = the Ulysses group size), layout zigzag (default) | contiguous
+
+`default_layouts(world, ...)` lists every valid dp/tp/cp/impl combination for a world size with
+the zigzag layout, plus the two peers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import CP_IMPLS, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+
+KINDS = ("single", "native", "meshattn")
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # one of KINDS
+    parallel: ParallelConfig
+
+    @property
+    def world(self) -> int:
+        return self.parallel.world_size
+
+    @property
+    def name(self) -> str:
+        p = self.parallel
+        if self.kind == "single":
+            return "single"
+        if self.kind == "native":
+            return f"native-tp{p.tp}"
+        parts = []
+        if p.dp > 1:
+            parts.append(f"dp{p.dp}")
+        if p.cp > 1:
+            impl = f"hybrid{p.ulysses_size}" if p.cp_impl == "hybrid" else p.cp_impl
+            parts.append(f"cp{p.cp}:{impl}" + ("" if p.cp_layout == "zigzag" else f":{p.cp_layout}"))
+        if p.tp > 1 or p.sequence_parallel:
+            parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else ""))
+        return "x".join(parts) or "dp1"
+
+
+def parse_layout(name: str) -> Layout:
+    """'dp2xtp2', 'cp4:hybrid2', 'native-tp2', 'single' -> Layout (ConfigError naming the grammar)."""
+    text = name.strip().lower()
+    if text == "single":
+        return Layout("single", ParallelConfig())
+    m = re.fullmatch(r"(?:native|dtensor)-tp(\d+)", text)
+    if m:
+        return Layout("native", ParallelConfig(tp=int(m.group(1))))
+    sizes = {"dp": 1, "tp": 1, "cp": 1}
+    extra: dict = {}
+    for part in text.split("x"):
+        m = re.fullmatch(r"(dp|tp|cp)(\d+)(\+sp)?(?::([a-z]+)(\d+)?)?(?::([a-z]+))?", part)
+        if not m or (m.group(3) and m.group(1) != "tp") or (m.group(4) and m.group(1) != "cp"):
+            raise ConfigError(f"layout {name!r}: cannot read {part!r}; write e.g. single, native-tp2, tp2, tp2+sp, "
+                              "dp2xtp2, cp2:ring, cp2:ulysses:contiguous, cp4:hybrid2 (axes dp<N>, tp<N>[+sp], "
+                              f"cp<N>[:impl[:layout]] joined by 'x'; impl one of {', '.join(CP_IMPLS)})")
+        axis, size = m.group(1), int(m.group(2))
+        sizes[axis] = size
+        if m.group(3):
+            extra["sequence_parallel"] = True
+        if m.group(4):
+            extra["cp_impl"] = m.group(4)
+            if m.group(5):
+                extra["ulysses_size"] = int(m.group(5))
+        if m.group(6):
+            extra["cp_layout"] = m.group(6)
+    return Layout("meshattn", ParallelConfig(**sizes, **extra))
+
+
+def check_layout(layout: Layout, model: ModelConfig, batch_size: int, seq_len: int) -> TrainConfig:
+    """The training config of a layout, or ConfigError saying why it cannot run this model."""
+    if layout.kind == "native" and (model.n_heads % layout.parallel.tp or model.n_kv_heads % layout.parallel.tp):
+        raise ConfigError(f"{layout.name}: PyTorch's tensor parallelism splits heads evenly; n_heads={model.n_heads} "
+                          f"and n_kv_heads={model.n_kv_heads} must both be divisible by tp={layout.parallel.tp}")
+    return TrainConfig(model=model, parallel=layout.parallel, batch_size=batch_size, seq_len=seq_len, steps=1,
+                       warmup=1, sample_tokens=0)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_layouts(world: int, model: ModelConfig, batch_size: int, seq_len: int) -> list[Layout]:
+    """The single-process reference, PyTorch-native TP at tp=world, and every valid meshattn
+    dp x cp x tp layout of `world` ranks (each cp impl, zigzag layout)."""
+    candidates = [Layout("single", ParallelConfig()), Layout("native", ParallelConfig(tp=world))]
+    for tp in _divisors(world):
+        for cp in _divisors(world // tp):
+            dp = world // (tp * cp)
+            if cp == 1:
+                candidates.append(Layout("meshattn", ParallelConfig(dp=dp, tp=tp)))
+                continue
+            for impl in CP_IMPLS:
+                sizes = [u for u in _divisors(cp) if 1 < u < cp] if impl == "hybrid" else [None]
+                for u in sizes:
+                    candidates.append(Layout("meshattn", ParallelConfig(dp=dp, tp=tp, cp=cp, cp_impl=impl,
+                                                                        ulysses_size=u)))
+    valid = []
+    for layout in candidates:
+        try:
+            check_layout(layout, model, batch_size, seq_len)
+        except ConfigError:
+            continue
+        valid.append(layout)
+    return valid

@@ -1,0 +1,97 @@
+"""`meshattn bench`: every layout in fresh worker processes, summarised per (sequence, layout).
+
+Summary of one layout (all per rank, the worst rank where ranks differ):
+    step_ms        median fwd+bwd step time (each step's time is its slowest rank's), with min and max
+    tokens_per_s   global batch tokens / median step
+    vs_single      median step / the single-process reference's at the same sequence length
+    activation_bytes, peak_rss   saved-for-backward bytes of one step; peak resident memory
+    comm_bytes     bytes per step by collective kind (meshattn's byte counter)
+    time_imbalance max / mean of the ranks' median step times
+    work_imbalance max / mean of the ranks' causal attention FLOPs (context parallelism)
+    loss_delta     |first loss - the reference's| (every layout computes the same model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from ..config import ConfigError, ModelConfig
+from ..launch import launch
+from ..parallel.layout import causal_work, imbalance
+from .layouts import Layout, check_layout
+
+
+def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float) -> list:
+    from .worker import measure
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        launch(measure, layout.world, args=(
+            {"kind": layout.kind, "parallel": dataclasses.asdict(layout.parallel)}, cfg_dict, warmup, steps, f.name),
+            env={}, backend=backend, timeout_s=timeout_s)
+        return json.loads(Path(f.name).read_text())
+
+
+def summarize(layout: Layout, seq_len: int, batch_size: int, rows: list[dict]) -> dict:
+    per_step = [max(ts) for ts in zip(*(r["times"] for r in rows))]  # the slowest rank sets each step
+    median = statistics.median(per_step)
+    rank_medians = [statistics.median(r["times"]) for r in rows]
+    par = layout.parallel
+    work = causal_work(par.cp_layout, par.cp, seq_len) if par.cp > 1 else [1.0]
+    kinds = sorted({k for r in rows for k in r["comm_bytes"]})
+    return {
+        "layout": layout.name, "kind": layout.kind, "world": layout.world, "seq_len": seq_len,
+        "batch_size": batch_size, "threads_per_rank": rows[0]["threads"],
+        "step_ms": median * 1e3, "step_ms_min": min(per_step) * 1e3, "step_ms_max": max(per_step) * 1e3,
+        "tokens_per_s": batch_size * seq_len / median,
+        "activation_bytes": max(r["saved_activation_bytes"] for r in rows),
+        "param_bytes": max(r["param_bytes"] for r in rows),
+        "peak_rss": max(r["peak_rss"] for r in rows),
+        "comm_bytes": {k: max(r["comm_bytes"].get(k, 0) for r in rows) for k in kinds},
+        "comm_calls": rows[0]["comm_calls"],
+        "time_imbalance": max(rank_medians) / statistics.mean(rank_medians),
+        "work_imbalance": imbalance(work),
+        "first_loss": rows[0]["first_loss"],
+    }
+
+
+def add_comparisons(results: list[dict]) -> None:
+    """vs_single and loss_delta against the single-process row of the same sequence length;
+    vs_native for meshattn tp-only rows against PyTorch-native TP of the same size."""
+    by_seq: dict[int, dict[str, dict]] = {}
+    for r in results:
+        if "skipped" not in r:
+            by_seq.setdefault(r["seq_len"], {})[r["layout"]] = r
+    for rows in by_seq.values():
+        single = rows.get("single")
+        for r in rows.values():
+            if single is not None:
+                r["vs_single"] = r["step_ms"] / single["step_ms"]
+                r["loss_delta"] = abs(r["first_loss"] - single["first_loss"])
+            native = rows.get(f"native-{r['layout']}") if r["kind"] == "meshattn" else None
+            if native is not None:
+                r["vs_native"] = r["step_ms"] / native["step_ms"]
+
+
+def run_bench(model: ModelConfig, layouts: list[Layout], seq_lens: list[int], batch_size: int, warmup: int,
+              steps: int, dtype: str = "float32", backend: str | None = None, timeout_s: float = 300.0,
+              progress: bool = True, data: str | None = None) -> list[dict]:
+    from tqdm import tqdm
+
+    jobs = [(s, layout) for s in seq_lens for layout in layouts]
+    results = []
+    bar = tqdm(jobs, desc="meshattn bench", unit="layout", disable=not progress, dynamic_ncols=True)
+    for seq_len, layout in bar:
+        bar.set_postfix_str(f"S={seq_len} {layout.name}")
+        try:
+            cfg = dataclasses.replace(check_layout(layout, model, batch_size, seq_len), dtype=dtype, data=data)
+        except ConfigError as e:
+            results.append({"layout": layout.name, "seq_len": seq_len, "skipped": str(e)})
+            continue
+        rows = _launch(layout, cfg.to_dict(), warmup, steps, backend, timeout_s)
+        results.append(summarize(layout, seq_len, batch_size, rows))
+    add_comparisons(results)
+    return results

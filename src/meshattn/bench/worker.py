@@ -1,0 +1,115 @@
+"""What every rank of one benchmark layout runs (module level, so spawned workers import it).
+
+The same global batch (the corpus' step-0 batch) every step; the timed step is forward +
+backward (no optimizer step), so every layout, the peers included, does the same work.
+Per rank: the loss of the first step (before any update, so layouts can be compared), the time
+of each timed step (barrier before each), the bytes autograd saves for backward in one step,
+the peak resident memory during the timed steps, and the bytes each collective kind moved per
+step (from the byte counter; PyTorch-native TP reports call counts from CommDebugMode).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..comm import CommCounter, all_reduce_
+from ..config import ParallelConfig, TrainConfig
+from ..corpus import Corpus
+from ..memory import PeakMemory, SavedActivations, tensor_bytes
+from ..mesh import build_mesh, current_device, device_type
+from ..model import Transformer
+from ..train import DTYPES, autocast, build_model
+from .layouts import Layout
+from .native import native_tensor_parallel
+
+
+def _build(layout: Layout, cfg: TrainConfig, counter: CommCounter):
+    """(model, local ids, local targets, mean-loss function) for this rank."""
+    corpus = Corpus.from_path(cfg.data, max_bytes=1 << 22)
+    ids, targets = corpus.batch(0, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
+    device = current_device()
+    if layout.kind == "meshattn":
+        model = build_model(cfg, build_mesh(cfg.parallel, device_type(dist.get_backend())), counter)
+        ids, targets = model.shard_batch(ids, targets)
+        batch = model.axes.batch
+        return model, ids.to(device), targets.to(device), lambda loss: (
+            all_reduce_(loss.detach().double().reshape(1), batch, "step") / batch.size).item()
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model).to(device=device, dtype=DTYPES[cfg.dtype])
+    if layout.kind == "native":
+        native_tensor_parallel(model, build_mesh(ParallelConfig(tp=layout.parallel.tp),
+                                                 device_type(dist.get_backend()))["tp"])
+    return model, ids.to(device), targets.to(device), lambda loss: loss.item()
+
+
+def _native_comm_counts(step) -> dict:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mode = CommDebugMode()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")  # CommDebugMode's module tracker
+        with mode:
+            step()
+    return {str(getattr(op, "__name__", op)).split(".")[-1]: n for op, n in mode.get_comm_counts().items()}
+
+
+def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str) -> None:
+    layout = Layout(layout_dict["kind"], ParallelConfig(**layout_dict["parallel"]))
+    cfg = TrainConfig.from_dict(cfg_dict)
+    counter = CommCounter()
+    model, ids, targets, global_loss = _build(layout, cfg, counter)
+    params = list(model.parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # DTensor -> this rank's shard
+
+    def forward() -> torch.Tensor:
+        with autocast(cfg, ids.device):
+            return model(ids, targets)[1]
+
+    def step() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        loss = forward()
+        loss.backward()
+        return loss
+
+    first_loss = global_loss(step())
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    with SavedActivations(local) as saved:
+        loss = forward()
+    loss.backward()
+    del loss
+    comm_calls = _native_comm_counts(step) if layout.kind == "native" else {}
+    counter.reset()
+    times = []
+    with PeakMemory(current_device().type) as mem:
+        for _ in range(steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    comm: dict[str, float] = {}
+    for (_, kind, _), nbytes in counter.nbytes.items():
+        comm[kind] = comm.get(kind, 0) + nbytes / steps
+    if not comm_calls:
+        comm_calls = {kind: n / steps for kind, n in _sum_by_kind(counter.calls).items()}
+    row = {"rank": dist.get_rank(), "threads": torch.get_num_threads(), "times": times, "first_loss": first_loss,
+           "saved_activation_bytes": saved.nbytes, "param_bytes": tensor_bytes(local),
+           "peak_rss": mem.peak, "peak_above_baseline": mem.delta, "comm_bytes": comm, "comm_calls": comm_calls}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def _sum_by_kind(calls) -> dict:
+    out: dict[str, int] = {}
+    for (_, kind, _), n in calls.items():
+        out[kind] = out.get(kind, 0) + n
+    return out
