@@ -204,3 +204,23 @@ def test_zigzag_balances_causal_work(p):
     assert imbalance(contiguous) == pytest.approx(max(contiguous) * p / sum(contiguous))
     assert imbalance(contiguous) == pytest.approx(2 - 1 / p, rel=0.02)  # rank r: r full blocks + 1 diagonal
     assert imbalance(causal_work("contiguous", p, 64 * p, causal=False)) == 1.0
+
+
+def check_overlap_off_is_bitwise_equal(rank, world):
+    """overlap=False completes each ring transfer before computing: the same operations in the same
+    order, so the same bits; only the timing differs."""
+    axis = Axis("cp", dist.group.WORLD, world, rank)
+    q, k, v, dout = (shard_sequence(t, axis, 2, "zigzag") for t in _global((2, 4, 2, 32, 8), torch.float32))
+    results = []
+    for overlap in (True, False):
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = context_attention(*local, axis, impl="ring", overlap=overlap)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in local])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    return True
+
+
+def test_ring_without_overlap_is_bitwise_equal(pools):
+    assert pools.run(4, check_overlap_off_is_bitwise_equal) == [True] * 4

@@ -52,7 +52,7 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
 
 
 def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
-                 ulysses_size=None, seq=S):
+                 ulysses_size=None, seq=S, overlap=True):
     dtype = getattr(torch, dtype)
     cfg = ModelConfig(**MODELS[model])
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
     ref_loss.backward()
 
     par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
-                         ulysses_size=ulysses_size)
+                         ulysses_size=ulysses_size, overlap=overlap)
     pm = parallelize(ref, mesh_for(par), par)
     dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
     par_in = _capture_block_input(pm.tp_model.blocks[0])
@@ -112,6 +112,12 @@ def test_parity_fp32(pools, world, dp, tp, sp, model):
 @pytest.mark.parametrize("model", ["gqa-llama", "mqa"])
 def test_parity_fp64(pools, world, dp, tp, sp, model):
     pools.run(world, check_parity, dp=dp, tp=tp, sp=sp, model=model, dtype="float64")
+
+
+@pytest.mark.parametrize("model", ["gqa-llama", "mqa"])
+def test_parity_without_overlap(pools, model):
+    """overlap=False (ring transfers and TP input-gradient all-reduces completed at once) is exact too."""
+    pools.run(4, check_parity, dp=1, tp=2, sp=False, model=model, dtype="float32", cp=2, overlap=False)
 
 
 def check_replica_sum_is_needed(rank, world):

@@ -62,11 +62,70 @@ def _bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed forward+backward steps per layout")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list this many times, alternating; report medians (the machine's load drifts)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the PNG plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
     p.add_argument("--no-progress", action="store_true")
+
+
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="one layout under torch.profiler on every rank: traces and the compute / "
+                                       "communication split per rank", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layout", default="tp2", help="a layout name as for bench, e.g. tp2, dp2xtp2, cp2:ring, native-tp2")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset; sizes below override it")
+    for flag in ("d-model", "n-heads", "n-kv-heads", "n-layers", "d-ff"):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
+    p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces and profile.json")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+
+
+def run_profile_command(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench import parse_layout
+    from .bench.layouts import check_layout
+    from .bench.worker import profile_layout
+    from .launch import WorkerFailed, launch
+
+    a.seq_len = [a.seq_len]
+    model = _bench_model(a)
+    layout = parse_layout(a.layout)
+    if a.no_overlap:
+        layout = dataclasses.replace(layout, parallel=dataclasses.replace(layout.parallel, overlap=False))
+    cfg = dataclasses.replace(check_layout(layout, model, a.batch_size, a.seq_len[0]), dtype=a.dtype, data=a.data)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd "
+          f"steps of {a.batch_size}x{a.seq_len[0]} tokens", flush=True)
+    try:
+        launch(profile_layout, layout.world, args=(
+            {"kind": layout.kind, "parallel": dataclasses.asdict(layout.parallel)}, cfg.to_dict(), a.warmup, a.steps,
+            str(out)), env={}, backend=a.backend, timeout_s=a.timeout)
+    except WorkerFailed as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 1
+    s = json.loads((out / "profile.json").read_text())
+    print("rank  step ms  compute ms  comm ms  hidden  exposed comm ms  other ms  load")
+    for r, load in zip(s["ranks"], s["relative_load"]):
+        print(f"{r['rank']:>4}  {r['step_s'] * 1e3:7.1f}  {r['compute_s'] * 1e3:10.1f}  {r['comm_s'] * 1e3:7.1f}  "
+              f"{r['hidden_share']:6.0%}  {r['exposed_comm_s'] * 1e3:15.1f}  {r['other_s'] * 1e3:8.1f}  {load:4.2f}")
+    print(f"load imbalance (max-min)/mean {s['load_imbalance']:.3f}, parallel efficiency min/max {s['efficiency']:.3f}, "
+          f"slowest rank {s['slowest_rank']}")
+    print(f"wrote {out / 'profile.json'} and {layout.world} traces {out / 'trace_rank*.json'} "
+          "(open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
+    return 0
 
 
 def _bench_model(a: argparse.Namespace):
@@ -101,7 +160,7 @@ def run_bench_command(a: argparse.Namespace) -> int:
           f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
     try:
         results = run_bench(model, layouts, a.seq_len, a.batch_size, a.warmup, a.steps, a.dtype, a.backend,
-                            a.timeout, progress=not a.no_progress, data=a.data)
+                            a.timeout, progress=not a.no_progress, data=a.data, rounds=a.rounds)
     except WorkerFailed as e:
         print(f"meshattn: error: {e}", file=sys.stderr)
         return 1
@@ -167,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    _profile_parser(sub)
     a = parser.parse_args(argv)
     try:
         if a.command == "bench":
             return run_bench_command(a)
+        if a.command == "profile":
+            return run_profile_command(a)
         return run_train_command(a)
     except ConfigError as e:
         print(f"meshattn: error: {e}", file=sys.stderr)

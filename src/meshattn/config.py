@@ -146,6 +146,9 @@ class ParallelConfig:
     cp_layout: str = "zigzag"
     ulysses_size: int | None = None
     node_size: int | None = None  # ranks per node: makes the gradient all-reduce hierarchical
+    # Post ring transfers and the tensor-parallel input-gradient all-reduce before the computation
+    # that hides them; False waits for each at once (to measure what overlap buys).
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp"):

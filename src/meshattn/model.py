@@ -73,8 +73,14 @@ def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope
     Shared by the reference and the parallel attention, which passes its local head counts and,
     when the sequence is split, a context-parallel `core(q, k, v)`.
     """
-    B, S, _ = qkv.shape
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    return attend_split(q, k, v, n_heads, n_kv_heads, head_dim, rope, core)
+
+
+def attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope, core=attention_core) -> torch.Tensor:
+    """attend() from separate projections q (B, S, H * D), k and v (B, S, G * D)."""
+    B, S, _ = q.shape
     q = q.view(B, S, n_heads, head_dim)  # (B, S, H, D)
     k = k.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)
     v = v.view(B, S, n_kv_heads, head_dim)  # (B, S, G, D)

@@ -43,8 +43,10 @@ def table(results: list[dict]) -> str:
 
 
 def native_ratios(results: list[dict]) -> list[str]:
-    return [f"S={r['seq_len']}: meshattn {r['layout']} / PyTorch-native {r['layout']} (DTensor) "
-            f"fwd+bwd step time = {r['vs_native']:.2f}" for r in results if "vs_native" in r]
+    return [f"S={r['seq_len']}: meshattn {r['layout']} / PyTorch-native {r['layout']} (DTensor) fwd+bwd step time = "
+            f"{r['vs_native']:.2f}" + (" (rounds: " + ", ".join(f"{v:.2f}" for v in r["vs_native_rounds"]) + ")"
+                                       if "vs_native_rounds" in r else "")
+            for r in results if "vs_native" in r]
 
 
 def write_json(results: list[dict], meta: dict, path: Path) -> None:

@@ -76,22 +76,52 @@ def add_comparisons(results: list[dict]) -> None:
                 r["vs_native"] = r["step_ms"] / native["step_ms"]
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (sequence, layout): medians over rounds of the step time and of the ratios
+    (each ratio taken within its round, against peers measured minutes apart at most); the
+    min-max of the step time over every step of every round; the rounds' values kept."""
+    merged = []
+    for rows in zip(*rounds):
+        first = dict(rows[0])
+        if "skipped" in first or len(rows) == 1:
+            merged.append(first)
+            continue
+        for key in ("step_ms", "vs_single", "vs_native", "tokens_per_s"):
+            values = [r[key] for r in rows if key in r]
+            if values:
+                first[key] = statistics.median(values)
+                first[f"{key}_rounds"] = values
+        first["step_ms_min"] = min(r["step_ms_min"] for r in rows)
+        first["step_ms_max"] = max(r["step_ms_max"] for r in rows)
+        first["peak_rss"] = max(r["peak_rss"] for r in rows)
+        merged.append(first)
+    return merged
+
+
 def run_bench(model: ModelConfig, layouts: list[Layout], seq_lens: list[int], batch_size: int, warmup: int,
               steps: int, dtype: str = "float32", backend: str | None = None, timeout_s: float = 300.0,
-              progress: bool = True, data: str | None = None) -> list[dict]:
+              progress: bool = True, data: str | None = None, rounds: int = 1) -> list[dict]:
+    """Every (sequence length, layout) in fresh workers, `rounds` times over (alternating, so a
+    drift in the machine's load hits every layout alike)."""
     from tqdm import tqdm
 
     jobs = [(s, layout) for s in seq_lens for layout in layouts]
-    results = []
-    bar = tqdm(jobs, desc="meshattn bench", unit="layout", disable=not progress, dynamic_ncols=True)
-    for seq_len, layout in bar:
-        bar.set_postfix_str(f"S={seq_len} {layout.name}")
-        try:
-            cfg = dataclasses.replace(check_layout(layout, model, batch_size, seq_len), dtype=dtype, data=data)
-        except ConfigError as e:
-            results.append({"layout": layout.name, "seq_len": seq_len, "skipped": str(e)})
-            continue
-        rows = _launch(layout, cfg.to_dict(), warmup, steps, backend, timeout_s)
-        results.append(summarize(layout, seq_len, batch_size, rows))
-    add_comparisons(results)
-    return results
+    bar = tqdm(total=len(jobs) * rounds, desc="meshattn bench", unit="layout", disable=not progress,
+               dynamic_ncols=True)
+    per_round = []
+    for round_ in range(rounds):
+        results = []
+        for seq_len, layout in jobs:
+            bar.set_postfix_str(f"round {round_ + 1}/{rounds} S={seq_len} {layout.name}")
+            try:
+                cfg = dataclasses.replace(check_layout(layout, model, batch_size, seq_len), dtype=dtype, data=data)
+            except ConfigError as e:
+                results.append({"layout": layout.name, "seq_len": seq_len, "skipped": str(e)})
+            else:
+                rows = _launch(layout, cfg.to_dict(), warmup, steps, backend, timeout_s)
+                results.append(summarize(layout, seq_len, batch_size, rows))
+            bar.update()
+        add_comparisons(results)
+        per_round.append(results)
+    bar.close()
+    return merge_rounds(per_round)

@@ -113,3 +113,47 @@ def _sum_by_kind(calls) -> dict:
     for (_, kind, _), n in calls.items():
         out[kind] = out.get(kind, 0) + n
     return out
+
+
+STEP_EVENT = "meshattn.step"
+
+
+def profile_layout(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out_dir: str) -> None:
+    """A few fwd+bwd steps under torch.profiler on every rank: a Chrome/Perfetto trace per rank
+    (trace_rank<r>.json) and, from rank 0, profile.json with each rank's compute/communication
+    split (see timeline.py) and the load balance over ranks."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .timeline import analyse, balance
+
+    layout = Layout(layout_dict["kind"], ParallelConfig(**layout_dict["parallel"]))
+    cfg = TrainConfig.from_dict(cfg_dict)
+    model, ids, targets, _ = _build(layout, cfg, CommCounter())
+    params = list(model.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        with autocast(cfg, ids.device):
+            loss = model(ids, targets)[1]
+        loss.backward()
+
+    for _ in range(warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            dist.barrier()
+            with record_function(STEP_EVENT):
+                step()
+    rank = dist.get_rank()
+    out = Path(out_dir)
+    prof.export_chrome_trace(str(out / f"trace_rank{rank}.json"))
+    events = [(e.name, e.thread, e.time_range.start, e.time_range.end) for e in prof.events()]
+    row = {"rank": rank, **analyse(events, STEP_EVENT)}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        summary = {"layout": layout.name, "steps": steps, "ranks": rows, **balance([r["compute_s"] for r in rows])}
+        (out / "profile.json").write_text(json.dumps(summary, indent=2))

@@ -111,9 +111,10 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig,
     split = None
     if cfg.cp > 1:
         group = context_group(mesh, "cp", cfg.ulysses_size if cfg.cp_impl == "hybrid" else None, counter)
-        split = SequenceSplit(group, cfg.cp_impl, cfg.cp_layout)
+        split = SequenceSplit(group, cfg.cp_impl, cfg.cp_layout, cfg.overlap)
     ref = next(model.parameters())
-    inner = TensorParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch)
+    inner = TensorParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch,
+                                      cfg.overlap)
     inner.to(device=ref.device, dtype=ref.dtype)
     shards = collect_shards(inner)
     check_shards(inner, shards)

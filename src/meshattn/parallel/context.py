@@ -74,6 +74,7 @@ class SequenceSplit:
     group: ContextGroup
     impl: str
     layout: str
+    overlap: bool = True
 
     @property
     def size(self) -> int:
@@ -92,7 +93,7 @@ class SequenceSplit:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over the split sequence: (B, H, S/cp, D) -> (B, H, S/cp, D)."""
         return context_attention(q, k, v, self.group, self.impl, self.layout, causal=True,
-                                 ulysses_size=self.group.ulysses_size)
+                                 ulysses_size=self.group.ulysses_size, overlap=self.overlap)
 
 
 def _as_context_group(group) -> ContextGroup:
@@ -146,10 +147,13 @@ def _sorted_order(chunks: list[int]) -> list[int]:
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, impl: str = "ring",
                       layout: str = "zigzag", causal: bool = True, scale: float | None = None,
-                      ulysses_size: int | None = None, attn_mask=None, kernel: str = "auto") -> torch.Tensor:
+                      ulysses_size: int | None = None, attn_mask=None, kernel: str = "auto",
+                      overlap: bool = True) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of `group` (see the module doc).
 
     group: a ProcessGroup, an Axis, or a ContextGroup (required for impl="hybrid"); None = WORLD.
+    overlap: the ring posts each block's transfer before computing on the block in hand (True),
+    or completes it first (False: the same result, for measuring what overlap hides).
     """
     cg = _as_context_group(group)
     check_inputs(q, k, v, cg, impl, layout, ulysses_size, attn_mask, kernel)
@@ -159,7 +163,7 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     if p == 1:
         return ChunkAttention.apply(q, k, v, table[0], table[0], causal, scale, kernel)
     if impl == "ring":
-        return ring_attention(q, k, v, axis, table, causal, scale, kernel)
+        return ring_attention(q, k, v, axis, table, causal, scale, kernel, overlap)
     if impl == "allgather":
         k_all, v_all = all_gather(k, 2, axis), all_gather(v, 2, axis)  # (B, G, S, D), rank order
         k_chunks = [c for chunks in table for c in chunks]
@@ -173,6 +177,6 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     mine = [c for rank in range(cg.ring.rank * u, (cg.ring.rank + 1) * u) for c in table[rank]]
 
     def ring(qh, kh, vh):
-        return ring_attention(qh, kh, vh, cg.ring, groups, causal, scale, kernel)
+        return ring_attention(qh, kh, vh, cg.ring, groups, causal, scale, kernel, overlap)
 
     return ulysses_attention(q, k, v, cg.ulysses, _sorted_order(mine), causal, scale, kernel, ring=ring)

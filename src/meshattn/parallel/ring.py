@@ -46,7 +46,7 @@ class _Exchange:
     which returns the received tensors; a second wait is a bug and raises."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], tags: tuple[int, ...], axis: Axis, phase: str,
-                 layout: str = "bhsd"):
+                 layout: str = "bhsd", complete: bool = False):
         to_wire, flat = _LAYOUTS[layout]
         self.sent = tuple(to_wire(t) for t in tensors)  # kept alive until wait()
         self.received = tuple(to_wire(torch.empty(t.shape, dtype=t.dtype, device=t.device)) for t in tensors)
@@ -60,58 +60,65 @@ class _Exchange:
         # One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the
         # previous rank are the same peer); gloo matches the tags.
         self.works = dist.batch_isend_irecv(ops)
+        self.done = False
+        if complete:  # no overlap: finish the transfer now; wait() then returns at once
+            self._finish()
+
+    def _finish(self) -> None:
+        for w in self.works:  # once only: a second wait on a gloo send blocks for another send
+            w.wait()
+        self.done, self.sent = True, None  # the sent buffers may be freed now
 
     def wait(self) -> tuple[torch.Tensor, ...]:
-        if self.works is None:
+        if self.received is None:
             raise RuntimeError("ring exchange waited twice")
-        for w in self.works:
-            w.wait()
-        self.works = self.sent = None  # the sent buffers may be freed now
+        if not self.done:
+            self._finish()
         received, self.received = self.received, None
         return received
 
 
 class _RingAttention(Function):
     @staticmethod
-    def forward(ctx, q, k, v, axis, chunk_table, causal, scale, kernel):
+    def forward(ctx, q, k, v, axis, chunk_table, causal, scale, kernel, overlap):
         r, p = axis.rank, axis.size
         out, lse = empty_accumulators(q)  # (B, H, Sq, D), (B, H, Sq)
         kv = (k.contiguous(), v.contiguous())  # (B, G, Sk, D) each, the block in hand
         for step in range(p):
-            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "fwd") if step < p - 1 else None
+            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "fwd", complete=not overlap) if step < p - 1 else None
             attend_chunks(q, chunk_table[r], *kv, chunk_table[(r - step) % p], causal, scale, kernel, out, lse)
             if hop is not None:
                 kv = hop.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (axis, chunk_table, causal, scale, kernel)
+        ctx.args = (axis, chunk_table, causal, scale, kernel, overlap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        axis, chunk_table, causal, scale, kernel = ctx.args
+        axis, chunk_table, causal, scale, kernel, overlap = ctx.args
         r, p = axis.rank, axis.size
         dq = None
         kv = (k.contiguous(), v.contiguous())
         incoming = None  # the dk/dv accumulators of the block in hand, on their way from r-1
         for step in range(p):
-            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "bwd") if step < p - 1 else None
+            hop = _Exchange(kv, (_K_TAG, _V_TAG), axis, "bwd", complete=not overlap) if step < p - 1 else None
             dq, *dkv = attend_chunks_backward(dout, q, chunk_table[r], *kv, chunk_table[(r - step) % p], out, lse,
                                               causal, scale, kernel, dq)
             if incoming is not None:
                 for mine, theirs in zip(dkv, incoming.wait()):
                     mine += theirs
-            incoming = _Exchange(dkv, (_DK_TAG, _DV_TAG), axis, "bwd", layout="bshd")
+            incoming = _Exchange(dkv, (_DK_TAG, _DV_TAG), axis, "bwd", layout="bshd", complete=not overlap)
             if hop is not None:
                 kv = hop.wait()
         dk, dv = incoming.wait()  # our own block's accumulators, home after p hops
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q, k, v, axis: Axis, chunk_table: list[list[int]], causal: bool, scale: float,
-                   kernel: str) -> torch.Tensor:
+                   kernel: str, overlap: bool = True) -> torch.Tensor:
     """q (B, H, Sq, D), k and v (B, G, Sk, D): this rank's chunks -> out (B, H, Sq, D)."""
     if axis.size == 1:
         return ChunkAttention.apply(q, k, v, chunk_table[0], chunk_table[0], causal, scale, kernel)
-    return _RingAttention.apply(q, k, v, axis, chunk_table, causal, scale, kernel)
+    return _RingAttention.apply(q, k, v, axis, chunk_table, causal, scale, kernel, overlap)

@@ -20,7 +20,7 @@ from torch.autograd import Function
 
 from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
 from ..config import ModelConfig
-from ..model import attend, attention_core, mlp_hidden, rotary_tables
+from ..model import attend_split, attention_core, mlp_hidden, rotary_tables
 from .recompute import block_forward
 from .shard import Shard
 
@@ -35,22 +35,30 @@ class Region:
     biases after the exit, positions) have their gradients summed over tp.
     """
 
-    def __init__(self, axis: Axis, sequence_parallel: bool):
-        self.axis, self.sp = axis, sequence_parallel and axis.size > 1
+    def __init__(self, axis: Axis, sequence_parallel: bool, overlap: bool = True):
+        self.axis, self.sp, self.overlap = axis, sequence_parallel and axis.size > 1, overlap
 
     def exit(self, x: torch.Tensor) -> torch.Tensor:  # partial (B, S, h) -> (B, S/tp | S, h)
         return reduce_scatter(x, 1, self.axis) if self.sp else reduce_from_group(x, self.axis)
 
     def column_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Enter the region and apply a column-parallel linear: (B, S/tp | S, h) -> (B, S, out/tp).
+        """Enter the region and apply a column-parallel linear: (B, S/tp | S, h) -> (B, S, out/tp)."""
+        return self.column_linears(x, [(weight, bias)])[0]
 
-        Without sequence parallelism the entry is fused with the matmul so that backward overlaps
-        the all-reduce of the input gradient with the weight gradient (Megatron's async all-reduce)."""
-        if self.axis.size == 1:
-            return F.linear(x, weight, bias)
+    def column_linears(self, x: torch.Tensor, layers: list) -> tuple[torch.Tensor, ...]:
+        """Enter the region once and apply several column-parallel linears [(weight, bias), ...]
+        that read the same input (Q, K, V; fc and gate): one output (B, S, out_i/tp) each.
+
+        Without sequence parallelism the entry is fused with the matmuls so that backward sums
+        their input gradients into one buffer and overlaps its all-reduce with the weight
+        gradients (Megatron's async all-reduce); no weight or output is concatenated."""
+        if self.axis.size > 1 and not self.sp:
+            weights = [w for w, _ in layers]
+            biases = [b for _, b in layers]
+            return _CopyLinears.apply(x, self.axis, self.overlap, len(layers), *weights, *biases)
         if self.sp:
-            return F.linear(all_gather(x, 1, self.axis), weight, bias)  # (B, S, h) gathered
-        return _CopyLinear.apply(x, weight, bias, self.axis)
+            x = all_gather(x, 1, self.axis)  # (B, S, h) gathered
+        return tuple(F.linear(x, w, b) for w, b in layers)
 
     def replicated(self, p: torch.Tensor | None) -> torch.Tensor | None:
         return copy_to_group(p, self.axis) if (self.sp and p is not None) else p
@@ -60,32 +68,42 @@ class Region:
         return x.chunk(self.axis.size, dim=dim)[self.axis.rank] if self.sp else x
 
 
-class _CopyLinear(Function):
-    """y = x W^T + b with x replicated over tp (forward: no communication). Backward: the input
-    gradient x' = y' W is all-reduced over tp asynchronously while W' = y'^T x and b' are computed,
-    then waited for: the same bytes as copy_to_group, hidden behind the weight gradient."""
+class _CopyLinears(Function):
+    """y_i = x W_i^T + b_i with x replicated over tp (forward: no communication). Backward: the
+    input gradient x' = sum_i y_i' W_i is all-reduced over tp asynchronously while the W_i' =
+    y_i'^T x and b_i' are computed, then waited for: the bytes of copy_to_group, hidden behind
+    the weight gradients (overlap=False: waited for at once). Inputs: x, axis, overlap, n, then n
+    weights and n biases (None allowed)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, axis):
+    def forward(ctx, x, axis, overlap, n, *params):
+        weights, biases = list(params[:n]), list(params[n:])
         if torch.is_autocast_enabled(x.device.type):  # save what the matmuls will use
             dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        ctx.axis, ctx.has_bias = axis, bias is not None
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+            x, weights = x.to(dt), [w.to(dt) for w in weights]
+            biases = [None if b is None else b.to(dt) for b in biases]
+        ctx.axis, ctx.overlap, ctx.n, ctx.has_bias = axis, overlap, n, [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = (g2 @ weight).view(x.shape)  # (B, S, h), partial: this rank's heads/columns only
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])  # (N, h)
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, out_i) each
+        grad_x = g2[0] @ weights[0]  # (N, h), partial: this rank's heads/columns only
+        for g, w in zip(g2[1:], weights[1:]):
+            grad_x.addmm_(g, w)
+        grad_x = grad_x.view(x.shape)
         ctx.axis.record("all_reduce", "bwd", grad_x)
         work = torch.distributed.all_reduce(grad_x, group=ctx.axis.group, async_op=True)
-        grad_w = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, h)
-        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if not ctx.overlap:
+            work.wait()
+        need = ctx.needs_input_grad
+        grad_w = [g.t() @ x2 if need[4 + i] else None for i, g in enumerate(g2)]  # (out_i, h)
+        grad_b = [g.sum(0) if ctx.has_bias[i] and need[4 + ctx.n + i] else None for i, g in enumerate(g2)]
         work.wait()
-        return grad_x, grad_w, grad_b, None
+        return (grad_x, None, None, None, *grad_w, *grad_b)
 
 
 class ShardedModule(nn.Module):
@@ -141,13 +159,10 @@ class ParallelAttention(ShardedModule):
         self.declare("proj_bias", b)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        wk, wv = copy_to_group(self.wk, self.kv_axis), copy_to_group(self.wv, self.kv_axis)
-        weight = torch.cat([self.wq, wk, wv])  # ((H/tp + 2 G_local) * D, h)
-        bias = None
-        if self.bq is not None:
-            bias = torch.cat([self.bq, copy_to_group(self.bk, self.kv_axis), copy_to_group(self.bv, self.kv_axis)])
-        qkv = self.region.column_linear(x, weight, bias)  # (B, S, (H/tp + 2 G_local) * D)
-        y = attend(qkv, self.n_heads, self.n_kv_heads, self.head_dim, rope, self.core)  # (B, S, H/tp*D)
+        kv = lambda p: None if p is None else copy_to_group(p, self.kv_axis)  # noqa: E731 - replica grads summed
+        q, k, v = self.region.column_linears(x, [(self.wq, self.bq), (kv(self.wk), kv(self.bk)),
+                                                 (kv(self.wv), kv(self.bv))])  # (B, S, H/tp*D), (B, S, G_local*D) x2
+        y = attend_split(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, rope, self.core)  # (B, S, H/tp*D)
         out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -171,9 +186,8 @@ class ParallelMLP(ShardedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_weight is None:
             fc, gate = self.region.column_linear(x, self.fc_weight, self.fc_bias), None  # (B, S, F/tp)
-        else:  # fc and gate share their input: one entry, one matmul
-            bias = None if self.fc_bias is None else torch.cat([self.fc_bias, self.gate_bias])
-            fc, gate = self.region.column_linear(x, torch.cat([self.fc_weight, self.gate_weight]), bias).chunk(2, -1)
+        else:  # fc and gate share their input: one entry
+            fc, gate = self.region.column_linears(x, [(self.fc_weight, self.fc_bias), (self.gate_weight, self.gate_bias)])
         out = self.region.exit(F.linear(mlp_hidden(fc, gate), self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -324,10 +338,10 @@ class TensorParallelTransformer(nn.Module):
     with `parallel.shard.load_full_state_dict` (parallelize does)."""
 
     def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False,
-                 split=None, batch_axis: Axis | None = None):
+                 split=None, batch_axis: Axis | None = None, overlap: bool = True):
         super().__init__()
         self.cfg, self.tp_axis, self.split, self.batch_axis = cfg, tp_axis, split, batch_axis
-        self.region = Region(tp_axis, sequence_parallel)
+        self.region = Region(tp_axis, sequence_parallel, overlap)
         self.tok_emb = VocabParallelEmbedding(cfg, self.region)
         self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis, split)
                                     for i in range(cfg.n_layers))
