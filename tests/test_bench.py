@@ -25,12 +25,14 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize("name", ["single", "native-tp2", "tp2", "tp2+sp", "dp2", "cp2:ring", "cp2:ulysses:contiguous",
-                                  "cp4:hybrid2", "dp2xtp2", "dp2xcp2:allgatherxtp2"])
+                                  "cp4:hybrid2", "dp2xtp2", "dp2xcp2:allgatherxtp2", "tp2@block",
+                                  "cp2:ring@attention"])
 def test_layout_names_round_trip(name):
     assert parse_layout(name).name == name
 
 
-@pytest.mark.parametrize("bad", ["tp", "tq2", "dp2:ring", "cp2:spiral", "tp2+sp+sp", "cp2:ring:diagonal", "cp4:hybrid3"])
+@pytest.mark.parametrize("bad", ["tp", "tq2", "single@block", "tp2@all", "dp2:ring", "cp2:spiral", "tp2+sp+sp",
+                                 "cp2:ring:diagonal", "cp4:hybrid3"])
 def test_bad_layout_names_are_refused(bad):
     with pytest.raises(ConfigError, match=r"cp|layout|hybrid|ulysses"):
         parse_layout(bad)

@@ -95,7 +95,7 @@ def run_profile_command(a: argparse.Namespace) -> int:
     import json
 
     from .bench import parse_layout
-    from .bench.layouts import check_layout
+    from .bench.layouts import check_layout, layout_to_dict
     from .bench.worker import profile_layout
     from .launch import WorkerFailed, launch
 
@@ -110,9 +110,8 @@ def run_profile_command(a: argparse.Namespace) -> int:
     print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd "
           f"steps of {a.batch_size}x{a.seq_len[0]} tokens", flush=True)
     try:
-        launch(profile_layout, layout.world, args=(
-            {"kind": layout.kind, "parallel": dataclasses.asdict(layout.parallel)}, cfg.to_dict(), a.warmup, a.steps,
-            str(out)), env={}, backend=a.backend, timeout_s=a.timeout)
+        launch(profile_layout, layout.world, args=(layout_to_dict(layout), cfg.to_dict(), a.warmup, a.steps, str(out)),
+               env={}, backend=a.backend, timeout_s=a.timeout)
     except WorkerFailed as e:
         print(f"meshattn: error: {e}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ def _legal(values: list[int]) -> str:
 
 NORMS = ("layernorm", "rmsnorm")
 CP_IMPLS = ("allgather", "ring", "ulysses", "hybrid")
+CHECKPOINTS = ("none", "attention", "block")  # activation checkpointing: nothing, the attention core, whole blocks
 CP_LAYOUTS = ("contiguous", "zigzag")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -277,7 +278,7 @@ class TrainConfig:
         if self.model.vocab_size < 256:
             raise ConfigError(f"vocab_size={self.model.vocab_size} cannot hold the byte-level tokens (0..255) of the "
                               "training text; use vocab_size >= 256")
-        if self.checkpoint not in ("none", "attention", "block"):
+        if self.checkpoint not in CHECKPOINTS:
             raise ConfigError(f"checkpoint={self.checkpoint!r} is unknown; choose none, attention or block")
         if self.dtype not in ("float32", "float64", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32, float64 or bfloat16 "

@@ -8,6 +8,7 @@ A layout name is either a peer or a meshattn mesh:
     dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp], cp<N>[:impl[:layout]]
     cp2:ring            context parallelism: impl ring | ulysses | allgather | hybrid<U>
     cp4:hybrid2:zigzag  (U = the Ulysses group size), layout zigzag (default) | contiguous
+    tp2@block           any meshattn layout with activation checkpointing: @attention or @block
 
 `default_layouts(world, ...)` lists every valid dp/tp/cp/impl combination for a world size with
 the zigzag layout, plus the two peers.
@@ -15,10 +16,11 @@ the zigzag layout, plus the two peers.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..config import CP_IMPLS, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from ..config import CHECKPOINTS, CP_IMPLS, ConfigError, ModelConfig, ParallelConfig, TrainConfig
 
 KINDS = ("single", "native", "meshattn")
 
@@ -27,6 +29,7 @@ KINDS = ("single", "native", "meshattn")
 class Layout:
     kind: str  # one of KINDS
     parallel: ParallelConfig
+    checkpoint: str = "none"  # activation checkpointing of meshattn layouts
 
     @property
     def world(self) -> int:
@@ -47,12 +50,16 @@ class Layout:
             parts.append(f"cp{p.cp}:{impl}" + ("" if p.cp_layout == "zigzag" else f":{p.cp_layout}"))
         if p.tp > 1 or p.sequence_parallel:
             parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else ""))
-        return "x".join(parts) or "dp1"
+        name = "x".join(parts) or "dp1"
+        return name if self.checkpoint == "none" else f"{name}@{self.checkpoint}"
 
 
 def parse_layout(name: str) -> Layout:
     """'dp2xtp2', 'cp4:hybrid2', 'native-tp2', 'single' -> Layout (ConfigError naming the grammar)."""
-    text = name.strip().lower()
+    text, _, checkpoint = name.strip().lower().partition("@")
+    if checkpoint and (checkpoint not in CHECKPOINTS or text == "single" or "-tp" in text):
+        raise ConfigError(f"layout {name!r}: write @attention or @block after a meshattn layout (e.g. tp2@block) for "
+                          "activation checkpointing")
     if text == "single":
         return Layout("single", ParallelConfig())
     m = re.fullmatch(r"(?:native|dtensor)-tp(\d+)", text)
@@ -76,7 +83,7 @@ def parse_layout(name: str) -> Layout:
                 extra["ulysses_size"] = int(m.group(5))
         if m.group(6):
             extra["cp_layout"] = m.group(6)
-    return Layout("meshattn", ParallelConfig(**sizes, **extra))
+    return Layout("meshattn", ParallelConfig(**sizes, **extra), checkpoint or "none")
 
 
 def check_layout(layout: Layout, model: ModelConfig, batch_size: int, seq_len: int) -> TrainConfig:
@@ -85,7 +92,7 @@ def check_layout(layout: Layout, model: ModelConfig, batch_size: int, seq_len: i
         raise ConfigError(f"{layout.name}: PyTorch's tensor parallelism splits heads evenly; n_heads={model.n_heads} "
                           f"and n_kv_heads={model.n_kv_heads} must both be divisible by tp={layout.parallel.tp}")
     return TrainConfig(model=model, parallel=layout.parallel, batch_size=batch_size, seq_len=seq_len, steps=1,
-                       warmup=1, sample_tokens=0)
+                       warmup=1, sample_tokens=0, checkpoint=layout.checkpoint)
 
 
 def _divisors(n: int) -> list[int]:
@@ -115,3 +122,11 @@ def default_layouts(world: int, model: ModelConfig, batch_size: int, seq_len: in
             continue
         valid.append(layout)
     return valid
+
+
+def layout_to_dict(layout: Layout) -> dict:
+    return {"kind": layout.kind, "parallel": dataclasses.asdict(layout.parallel), "checkpoint": layout.checkpoint}
+
+
+def layout_from_dict(d: dict) -> Layout:
+    return Layout(d["kind"], ParallelConfig(**d["parallel"]), d.get("checkpoint", "none"))

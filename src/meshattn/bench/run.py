@@ -22,15 +22,14 @@ from pathlib import Path
 from ..config import ConfigError, ModelConfig
 from ..launch import launch
 from ..parallel.layout import causal_work, imbalance
-from .layouts import Layout, check_layout
+from .layouts import Layout, check_layout, layout_to_dict
 
 
 def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float) -> list:
     from .worker import measure
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        launch(measure, layout.world, args=(
-            {"kind": layout.kind, "parallel": dataclasses.asdict(layout.parallel)}, cfg_dict, warmup, steps, f.name),
+        launch(measure, layout.world, args=(layout_to_dict(layout), cfg_dict, warmup, steps, f.name),
             env={}, backend=backend, timeout_s=timeout_s)
         return json.loads(Path(f.name).read_text())
 

@@ -25,7 +25,7 @@ from ..memory import PeakMemory, SavedActivations, tensor_bytes
 from ..mesh import build_mesh, current_device, device_type
 from ..model import Transformer
 from ..train import DTYPES, autocast, build_model
-from .layouts import Layout
+from .layouts import Layout, layout_from_dict
 from .native import native_tensor_parallel
 
 
@@ -60,7 +60,7 @@ def _native_comm_counts(step) -> dict:
 
 
 def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str) -> None:
-    layout = Layout(layout_dict["kind"], ParallelConfig(**layout_dict["parallel"]))
+    layout = layout_from_dict(layout_dict)
     cfg = TrainConfig.from_dict(cfg_dict)
     counter = CommCounter()
     model, ids, targets, global_loss = _build(layout, cfg, counter)
@@ -126,7 +126,7 @@ def profile_layout(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, o
 
     from .timeline import analyse, balance
 
-    layout = Layout(layout_dict["kind"], ParallelConfig(**layout_dict["parallel"]))
+    layout = layout_from_dict(layout_dict)
     cfg = TrainConfig.from_dict(cfg_dict)
     model, ids, targets, _ = _build(layout, cfg, CommCounter())
     params = list(model.parameters())
