@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from meshattn import ModelConfig, TrainConfig, Transformer
+from meshattn.checkpoint import load_reference
 
 ROOT = Path(__file__).parents[1]
 SHORT = ["--steps", "6", "--batch-size", "4", "--seq-len", "64", "--sample-tokens", "16"]
@@ -38,11 +40,11 @@ def test_demo_path_trains_samples_and_checkpoints(tmp_path):
     assert "sample:" in res.stdout and "train: 100%" in res.stderr  # the progress bar finished
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["losses"]) == 6 and metrics["losses"][-1] < metrics["losses"][0]
-    ckpt = torch.load(out / "checkpoint" / "model.pt", weights_only=True)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    assert cfg.parallel.tp == 2 and ckpt["step"] == 6
-    model = Transformer(ModelConfig(**ckpt["config"]["model"]))
-    model.load_state_dict(ckpt["model"])  # layout-free: loads into the single-device model
+    state, meta = load_reference(out / "checkpoint")  # verified against its manifest first
+    cfg = TrainConfig.from_dict(meta["config"])
+    assert cfg.parallel.tp == 2 and meta["step"] == 6
+    model = Transformer(ModelConfig(**meta["config"]["model"]))
+    model.load_state_dict(state)  # layout-free: loads into the single-device model
 
 
 def test_context_parallel_training_command(tmp_path):
@@ -75,3 +77,26 @@ def test_missing_data_path_fails_with_rank_named(tmp_path):
                 "--out", str(tmp_path)])
     assert res.returncode == 1
     assert "no such file or folder" in res.stderr and re.search(r"rank \d failed first", res.stderr)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """6 steps in one go vs 3 steps, then --resume to 6 at the same layout: bitwise the same
+    losses for steps 4-6; and resuming at another layout (cp=2) continues within fp32 rounding."""
+    args = ["--steps", "6", "--batch-size", "4", "--seq-len", "64", "--sample-tokens", "0", "--no-progress"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _run([sys.executable, "-m", "meshattn", "train", *args, "--out", str(whole)]).returncode == 0
+    first = _run([sys.executable, "-m", "meshattn", "train", *args, "--save-every", "3", "--out", str(part)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(part / "checkpoint" / "step-00000006")  # as if the first run had stopped at step 3
+    (part / "checkpoint" / "latest").write_text("step-00000003")
+    again = _run([sys.executable, "-m", "meshattn", "train", *args, "--resume", str(part / "checkpoint"),
+                  "--out", str(tmp_path / "resumed")])
+    assert again.returncode == 0, again.stderr[-2000:]
+    want = json.loads((whole / "metrics.json").read_text())["losses"]
+    got = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert got["first_step"] == 3 and got["losses"] == want[3:]
+    other = _run([sys.executable, "-m", "meshattn", "train", *args, "--tp", "1", "--cp", "2", "--resume",
+                  str(part / "checkpoint"), "--out", str(tmp_path / "cp2")])
+    assert other.returncode == 0, other.stderr[-2000:]
+    got = json.loads((tmp_path / "cp2" / "metrics.json").read_text())["losses"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want[3:]), rtol=1e-5, atol=0)

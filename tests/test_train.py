@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from distributed import mesh_for
 from meshattn import ConfigError, ModelConfig, ParallelConfig, TrainConfig, Transformer
+from meshattn import checkpoint as ckpt
 from meshattn.corpus import Corpus, decode, encode
 from meshattn.parallel import parallelize
-from meshattn.train import check_same_config, generate, save_checkpoint
+from meshattn.scaler import LossScaler
+from meshattn.train import (NonFiniteError, TrainResult, _nonfinite, build_model, check_same_config, generate,
+                            make_optimizer, train_step)
 
 MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=256, max_seq_len=24,
                     norm="rmsnorm", position="rope", activation="swiglu", init_std=0.2)
@@ -48,20 +52,19 @@ def checkpoint(rank, world, out):
     ref = Transformer(MODEL)
     cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(dp=2, tp=2), seq_len=16, batch_size=4, out=out)
     model = parallelize(ref, mesh_for(cfg.parallel), cfg.parallel)
-    path = save_checkpoint(model, cfg, step=3, out=__import__("pathlib").Path(out))
+    path = ckpt.save(model, make_optimizer(model, cfg), cfg, 3, Path(out))
     if rank == 0:
-        saved = torch.load(path, weights_only=True)
-        assert saved["step"] == 3 and TrainConfig.from_dict(saved["config"]) == cfg
+        saved, meta = ckpt.load_reference(Path(out))
+        assert meta["step"] == 3 and TrainConfig.from_dict(meta["config"]) == cfg
         expected = ref.state_dict()
-        assert saved["model"].keys() == expected.keys()
+        assert saved.keys() == expected.keys()
         for name, t in expected.items():
-            assert torch.equal(saved["model"][name], t), name
-    return path is not None
+            assert torch.equal(saved[name], t), name
+    return path.name
 
 
 def test_checkpoint_holds_the_full_reference_weights(pools, tmp_path):
-    written = pools.run(4, checkpoint, out=str(tmp_path))
-    assert written == [True, False, False, False]  # rank 0 writes, once
+    assert pools.run(4, checkpoint, out=str(tmp_path)) == ["step-00000003"] * 4
 
 
 def disagree(rank, world):
@@ -95,3 +98,49 @@ def test_out_of_range_token_ids_are_refused():
     model = TensorParallelTransformer(dataclasses.replace(MODEL, vocab_size=256), Axis.single("tp"), Axis.single("kv"))
     with pytest.raises(IndexError, match=r"token ids must lie in \[0, 256\); got \[0, 300\]"):
         model(torch.tensor([[0, 300]]))
+
+
+def nan_on_one_rank(rank, world):
+    """rank 3 of dp2 x tp2 gets NaN in one weight's gradient: every rank sees a non-finite
+    global gradient norm and no rank takes the optimizer step."""
+    model_cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=256, max_seq_len=32)
+    cfg = TrainConfig(model=model_cfg, parallel=ParallelConfig(dp=2, tp=2), steps=3, batch_size=4, seq_len=32,
+                      sample_tokens=0)
+    corpus = Corpus.from_path(None, max_bytes=1 << 16)
+    model = build_model(cfg, mesh_for(cfg.parallel))
+    opt = make_optimizer(model, cfg)
+    train_step(model, opt, corpus, 0, cfg)  # a normal step first (optimizer state exists)
+    before = [p.detach().clone() for p in model.parameters()]
+    victim = [p for p in model.parameters() if p.dim() == 2][2]
+    hook = victim.register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 3 else None
+    loss, norm = train_step(model, opt, corpus, 1, cfg)
+    if hook is not None:
+        hook.remove()
+    assert norm != norm  # nan on every rank, not only on rank 3
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no step taken anywhere
+    with pytest.raises(NonFiniteError, match="step 1: .*not taken on any rank"):
+        _nonfinite(1, loss, norm, cfg, None, TrainResult())
+    skip = dataclasses.replace(cfg, nonfinite="skip")
+    result = TrainResult()
+    _nonfinite(1, loss, norm, skip, None, result)  # by option: skipped, recorded, the run goes on
+    assert result.skipped_steps == [1]
+    loss, norm = train_step(model, opt, corpus, 2, cfg)  # the next step is clean again
+    assert norm == norm and loss == loss
+    return True
+
+
+def test_nan_gradient_on_one_rank_stops_every_rank_before_the_step(pools):
+    assert pools.run(4, nan_on_one_rank) == [True] * 4
+
+
+def test_loss_scaler_halves_on_overflow_and_grows_after_clean_steps():
+    s = LossScaler(scale=8.0, growth_interval=3)
+    s.update(False)
+    assert s.scale == 4.0 and s.skipped == 1
+    for _ in range(3):
+        s.update(True)
+    assert s.scale == 8.0
+    s2 = LossScaler()
+    s2.load_state_dict(s.state_dict())
+    assert s2.state_dict() == s.state_dict()
+    assert LossScaler(scale=0.5).exhausted

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, ParallelConfig, TrainConfig, preset
+from .config import DTYPE_NAMES, PRESETS, ConfigError, ParallelConfig, TrainConfig, preset
 
 
 def _train_parser(sub) -> None:
@@ -33,13 +33,21 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16"],
-                   help="bfloat16: autocast with fp32 weights, fp32 softmax statistics and loss")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPE_NAMES),
+                   help="bfloat16/float16: autocast with fp32 weights, fp32 softmax statistics and loss; float16 "
+                        "adds dynamic loss scaling")
+    p.add_argument("--on-nonfinite", default=d.nonfinite, choices=["stop", "skip"],
+                   help="a NaN/Inf loss or gradient norm (seen by every rank before the optimizer step): stop the "
+                        "run, or skip the step")
     p.add_argument("--checkpoint", default="none", choices=["none", "attention", "block"],
                    help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint and metrics")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    p.add_argument("--save-every", type=int, default=d.save_every,
+                   help="write a checkpoint every N steps under OUT/checkpoint (0: only at the end)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint (OUT/checkpoint, or one step-* folder), at any layout")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on GPU, else gloo")
     p.add_argument("--no-progress", action="store_true")
@@ -60,7 +68,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed forward+backward steps per layout")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times, alternating; report medians (the machine's load drifts)")
@@ -82,7 +90,7 @@ def _profile_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--no-overlap", action="store_true",
                    help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
@@ -188,6 +196,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=preset(a.preset), parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,
+                       nonfinite=a.on_nonfinite, save_every=a.save_every, resume=a.resume,
                        data=a.data, out=a.out,
                        sample_tokens=a.sample_tokens)
 

@@ -27,7 +27,8 @@ def _legal(values: list[int]) -> str:
 
 NORMS = ("layernorm", "rmsnorm")
 CP_IMPLS = ("allgather", "ring", "ulysses", "hybrid")
-CHECKPOINTS = ("none", "attention", "block")  # activation checkpointing: nothing, the attention core, whole blocks
+CHECKPOINTS = ("none", "attention", "block")
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")  # activation checkpointing: nothing, the attention core, whole blocks
 CP_LAYOUTS = ("contiguous", "zigzag")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -262,6 +263,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     checkpoint: str = "none"  # activation checkpointing: none | attention | block
+    nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the step
+    save_every: int = 0  # write a checkpoint every N steps (0: only at the end)
+    resume: str | None = None  # a checkpoint (or a folder with a `latest`) to continue from
     data: str | None = None
     out: str = "runs/default"
     sample_tokens: int = 200
@@ -280,9 +284,13 @@ class TrainConfig:
                               "training text; use vocab_size >= 256")
         if self.checkpoint not in CHECKPOINTS:
             raise ConfigError(f"checkpoint={self.checkpoint!r} is unknown; choose none, attention or block")
-        if self.dtype not in ("float32", "float64", "bfloat16"):
-            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32, float64 or bfloat16 "
-                              "(bf16 autocast with fp32 weights)")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)} "
+                              "(bfloat16 and float16: autocast with fp32 weights; float16 adds loss scaling)")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every={self.save_every} must be >= 0 (0: a checkpoint at the end only)")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite={self.nonfinite!r} is unknown; choose stop or skip")
         self.parallel.check_model(self.model)
         self.parallel.check_batch(self.batch_size, self.seq_len, self.grad_accum)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from . import checkpoint
 from .comm import CommCounter, all_gather_raw, all_reduce_
 from .config import ConfigError, TrainConfig
 from .corpus import Corpus, decode, encode
@@ -27,15 +28,16 @@ from .parallel import ParallelModel, gather_state_dict, parallelize
 from .parallel.layout import n_chunks
 from .parallel.recompute import apply_checkpointing
 from .parallel.tensor import check_token_ids
+from .scaler import LossScaler
 
 # Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
 # forward under autocast, with softmax statistics, merges and the loss in fp32.
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32, "float16": torch.float32}
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.dtype in ("bfloat16", "float16"):
+        return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
     return contextlib.nullcontext()
 
 
@@ -101,8 +103,12 @@ def grad_norm(model: ParallelModel) -> torch.Tensor:
     return all_reduce_(total, tp, "step").sqrt()[0]  # (1,) summed over tp
 
 
-def clip_grads(model: ParallelModel, max_norm: float) -> torch.Tensor:
-    norm = grad_norm(model)
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm: raised on every rank at the same step."""
+
+
+def clip_grads(model: ParallelModel, max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+    norm = grad_norm(model) if norm is None else norm
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():
@@ -112,8 +118,13 @@ def clip_grads(model: ParallelModel, max_norm: float) -> torch.Tensor:
 
 
 def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, step: int,
-               cfg: TrainConfig) -> tuple[float, float]:
-    """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm)."""
+               cfg: TrainConfig, scaler: LossScaler | None = None) -> tuple[float, float]:
+    """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm).
+
+    The global gradient norm (identical on every rank: gradients are averaged over dp x cp and
+    the norm summed over tp) is checked before the optimizer step: if it is not finite, every
+    rank skips the step together and the returned norm says so (nan or inf). With a loss scaler
+    (float16) the loss is scaled before backward and the gradients unscaled before the step."""
     ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
     check_token_ids(ids, cfg.model.vocab_size)  # on the global batch, before sharding: every rank agrees
     device = next(model.parameters()).device
@@ -127,10 +138,20 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
         with model.no_sync(skip=i < cfg.grad_accum - 1):
             with autocast(cfg, device):
                 _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
+            (loss * ((scaler.scale if scaler else 1.0) / cfg.grad_accum)).backward()
         loss_sum += loss.detach().double()
-    norm = clip_grads(model, cfg.grad_clip)
-    opt.step()
+    norm = grad_norm(model)  # (,) global; the scaled norm under a loss scaler
+    if torch.isfinite(norm):
+        if scaler is not None:
+            scaler.unscale_(model.parameters())
+            norm = norm / scaler.scale
+            scaler.update(True)
+        clip_grads(model, cfg.grad_clip, norm)
+        opt.step()
+    else:  # the same decision on every rank: no optimizer step
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update(False)
     batch = model.axes.batch
     mean = all_reduce_(loss_sum / (cfg.grad_accum * batch.size), batch, "step")  # (1,) mean over dp x cp
     return mean.item(), norm.item()
@@ -181,6 +202,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    first_step: int = 0
     val_loss: float | None = None
     sample: str = ""
     checkpoint: str | None = None
@@ -207,18 +230,20 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
     return all_reduce_(total / (batches * batch.size), batch, "step").item()  # (1,) mean over dp x cp
 
 
-def save_checkpoint(model: ParallelModel, cfg: TrainConfig, step: int, out: Path) -> Path | None:
-    """Gather the full single-device state dict (layout-free) and write it from global rank 0."""
-    state = gather_state_dict(model)
-    if dist.get_rank() != 0:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.pt"
-    tmp = out / "model.pt.tmp"
-    torch.save({"model": state, "step": step, "config": cfg.to_dict()}, tmp)
-    tmp.replace(path)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    return path
+def _nonfinite(step: int, loss: float, norm: float, cfg: TrainConfig, scaler: LossScaler | None,
+               result: TrainResult) -> None:
+    """A step whose loss or gradient norm was not finite (no optimizer step was taken): with a
+    loss scaler an overflow just lowers the scale; otherwise stop (or skip, by option)."""
+    if scaler is not None and math.isfinite(loss) and not scaler.exhausted:
+        return  # fp16 overflow: the scaler halved its scale, the step was skipped
+    result.skipped_steps.append(step)
+    what = f"step {step}: loss {loss}, global gradient norm {norm}; the optimizer step was not taken on any rank"
+    if scaler is not None and scaler.exhausted:
+        what += f" (the fp16 loss scale fell to {scaler.scale:g})"
+    if cfg.nonfinite == "stop":
+        raise NonFiniteError(what + ". Lower --lr, train in float32 or bfloat16, or pass --on-nonfinite skip")
+    if dist.get_rank() == 0:
+        print(f"meshattn: warning: {what}; skipped (--on-nonfinite skip)", flush=True)
 
 
 def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str = "def ") -> TrainResult:
@@ -229,16 +254,34 @@ def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str
     corpus.check(cfg.seq_len)
     model = build_model(cfg, mesh)
     opt = make_optimizer(model, cfg)
+    scaler = LossScaler() if cfg.dtype == "float16" else None
     result = TrainResult()
+    out = Path(cfg.out)
+    start = 0
+    if cfg.resume:
+        meta = checkpoint.load(model, opt, cfg, Path(cfg.resume))
+        start = meta["step"]
+        if scaler is not None and "scaler" in meta["extra"]:
+            scaler.load_state_dict(meta["extra"]["scaler"])
+        if start >= cfg.steps:
+            raise ConfigError(f"the checkpoint is at step {start}; ask for more --steps than that to continue")
+    result.first_step = start
+
+    def save(step: int) -> Path:
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        return checkpoint.save(model, opt, cfg, step, out / "checkpoint", extra)
+
     bar = None
     if progress and rank0:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            loss, norm = train_step(model, opt, corpus, step, cfg)
+            loss, norm = train_step(model, opt, corpus, step, cfg, scaler)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                _nonfinite(step, loss, norm, cfg, scaler, result)
             result.step_times.append(time.perf_counter() - t0)
             result.losses.append(loss)
             result.grad_norms.append(norm)
@@ -246,17 +289,19 @@ def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / result.step_times[-1]:,.0f}")
                 bar.update(1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
     finally:
         if bar is not None:
             bar.close()
     result.val_loss = evaluate(model, corpus, cfg)
     if cfg.sample_tokens > 0:
         result.sample = generate(model, prompt, cfg.sample_tokens, seed=cfg.seed)
-    out = Path(cfg.out)
-    path = save_checkpoint(model, cfg, cfg.steps, out / "checkpoint")
+    path = save(cfg.steps)
     if rank0:
         result.checkpoint = str(path)
-        metrics = {"losses": result.losses, "grad_norms": result.grad_norms, "val_loss": result.val_loss,
+        metrics = {"first_step": start, "losses": result.losses, "grad_norms": result.grad_norms,
+                   "skipped_steps": result.skipped_steps, "val_loss": result.val_loss,
                    "step_times": result.step_times, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
                    "config": cfg.to_dict()}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

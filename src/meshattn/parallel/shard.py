@@ -12,6 +12,7 @@ local parameters (or their gradients) back into a full state dict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,17 +92,28 @@ def gather_full(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
 
     A collective over tp: every tp rank must call it. Parameters without a gradient give zeros.
     """
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        return p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
+
+    return gather_tensors(module, shards, tp_axis, value)
+
+
+@torch.no_grad()
+def gather_tensors(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
+                   tensor_of: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full reference-named tensors from per-parameter local ones shaped like their parameter
+    (the parameters, their gradients, an optimizer's moments): `tensor_of(local name, param)`.
+    A collective over tp."""
     axis = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank, None)  # not training traffic
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         shard = shards[name]
-        t = p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
+        t = tensor_of(name, p)
         if shard.parts == 1 or axis.size == 1:
             region = t.clone()
         else:
-            pieces = all_gather_raw(t.unsqueeze(0), 0, axis, "fwd").unbind(0)  # tp x local
+            pieces = all_gather_raw(t.contiguous().unsqueeze(0), 0, axis, "fwd").unbind(0)  # tp x local
             region = shard.assemble(list(pieces), axis.size)
         full = out.setdefault(shard.name, t.new_zeros(shard.full_shape))
         full.narrow(shard.dim, shard.start, shard.span).copy_(region)
     return out
-

@@ -1,0 +1,257 @@
+"""Checkpoints that survive a change of layout, written atomically and verified before reading.
+
+A checkpoint is a directory `ROOT/step-00000120/` holding
+
+    *.distcp, .metadata   torch.distributed.checkpoint (DCP) files: the model's parameters and the
+                          AdamW state under the *single-device* model's names at full shape
+    meta.json             step, configuration, loss-scaler state
+    manifest.json         SHA-256 and size of every other file, written last
+
+and `ROOT/latest` names the newest complete one.
+
+Layout-free: every tensor is stored at the reference model's full shape, so a checkpoint saved at
+dp2 x tp2 loads at tp1, cp2 or anything else: each rank slices what it holds (the same `Shard`
+descriptions that split the reference model). DCP deduplicates the tensors every rank holds and
+spreads the writing over ranks. Costs one full copy of the model and optimizer state per rank
+while saving or loading (fine up to a few GB; sharded DTensor checkpoints would avoid it).
+
+Atomic: everything is written under `ROOT/.step-00000120.partial`, files and directory fsynced,
+the manifest last, then the directory is renamed into place and `latest` replaced by rename. A
+crash at any point leaves the previous checkpoint and `latest` as they were.
+
+Verified: DCP's `.metadata` is a pickle, and unpickling runs code. Before DCP reads anything,
+every file's SHA-256 and size are checked against the manifest and the directory must hold
+exactly the manifest's files: a flipped byte, a truncated, missing or extra file is refused with
+the file's name. This guards against corruption and tampering by anyone who cannot also rewrite
+the manifest; keep checkpoints where only the job can write (see the README's security notes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from .config import ConfigError, TrainConfig
+from .parallel import ParallelModel, gather_state_dict, load_state_dict
+from .parallel.shard import gather_tensors
+
+MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupted or for another model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> dict:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": FORMAT, "files": {str(p.relative_to(directory)): {"sha256": _sha256(p),
+                                                                            "bytes": p.stat().st_size}
+                                            for p in files}}
+    path = directory / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for p in [*files, path]:
+        _fsync(p)
+    _fsync(directory)
+    return manifest
+
+
+def verify(directory: Path) -> dict:
+    """Check every file against the manifest; returns the manifest or raises CheckpointError."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete or not a meshattn "
+                              "checkpoint, and is not read")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+    missing, extra = sorted(files.keys() - present), sorted(present - files.keys())
+    if missing:
+        raise CheckpointError(f"{directory}: file(s) {missing} listed in the manifest are missing")
+    if extra:
+        raise CheckpointError(f"{directory}: file(s) {extra} are not in the manifest; refusing to read them")
+    for name, want in sorted(files.items()):
+        p = directory / name
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{p}: {size} bytes, the manifest says {want['bytes']} (truncated or altered)")
+        if _sha256(p) != want["sha256"]:
+            raise CheckpointError(f"{p}: SHA-256 differs from the manifest (corrupted or altered)")
+    return manifest
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory, or ROOT whose `latest` names one."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{path / LATEST}: names {name!r}, not a checkpoint directory")
+        return path / name
+    if (path / MANIFEST).is_file() or (path / ".metadata").exists():
+        return path
+    raise CheckpointError(f"{path}: neither a checkpoint nor a folder with a '{LATEST}' file")
+
+
+def _optimizer_tensors(model: ParallelModel, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW state per local parameter name: exp_avg, exp_avg_sq (shaped like the parameter)."""
+    out = {}
+    for name, p in model.tp_model.named_parameters(remove_duplicate=False):
+        state = opt.state.get(p, {})
+        if "exp_avg" in state:
+            out[name] = state
+    return out
+
+
+def _state(model: ParallelModel, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The full reference-named tensors of model and optimizer (a collective over tp)."""
+    state = {f"model/{k}": v for k, v in gather_state_dict(model).items()}
+    optim = _optimizer_tensors(model, opt)
+    if not optim:
+        return state
+    for key in ("exp_avg", "exp_avg_sq"):
+        full = gather_tensors(model.tp_model, model.shards, model.axes.tp, lambda n, p, key=key: optim[n][key])
+        state.update({f"optim/{k}/{key}": v for k, v in full.items()})
+    steps = {model.shards[n].name: s["step"].reshape(1).double() for n, s in optim.items()}
+    state.update({f"optim/{k}/step": v for k, v in steps.items()})
+    return state
+
+
+def save(model: ParallelModel, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, root: Path,
+         extra: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` under root (every rank calls this); returns its directory."""
+    root = Path(root)
+    final, partial = root / f"step-{step:08d}", root / f".step-{step:08d}.partial"
+    state = _optimizer_ready(_state(model, opt))
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+        partial.mkdir()
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(partial))
+    dist.barrier()
+    if rank0:
+        meta = {"format": FORMAT, "step": step, "config": cfg.to_dict(), "extra": extra or {},
+                "optimizer": any(k.startswith("optim/") for k in state),
+                "rng": torch.get_rng_state().tolist()}
+        (partial / META).write_text(json.dumps(meta))
+        write_manifest(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(final.name)
+        _fsync(tmp)
+        tmp.replace(root / LATEST)
+        _fsync(root)
+        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _optimizer_ready(state: dict) -> dict:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _agree(error: str | None) -> None:
+    """Raise the same CheckpointError on every rank if rank 0 found one (one small collective)."""
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+
+
+def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConfig, path: Path) -> dict:
+    """Load a checkpoint saved at any layout into this one (every rank calls this); returns its
+    meta (step, config, extra). The files are verified before DCP unpickles anything."""
+    error, directory, meta = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            directory = resolve(path)
+            verify(directory)
+            meta = json.loads((directory / META).read_text())
+            _check_model(meta, cfg)
+        except (CheckpointError, OSError, ValueError) as e:
+            error = str(e)
+    _agree(error)
+    box = [str(directory), meta]
+    dist.broadcast_object_list(box, src=0)
+    directory, meta = Path(box[0]), box[1]
+    dtype = next(model.parameters()).dtype
+    state = {f"model/{s.name}": torch.empty(s.full_shape, dtype=dtype) for s in model.shards.values()}
+    optim_keys = {}
+    opt = opt if meta["optimizer"] else None  # saved before any optimizer step: nothing to restore
+    if opt is not None:
+        for name, p in model.tp_model.named_parameters(remove_duplicate=False):
+            ref = model.shards[name].name
+            optim_keys[name] = ref
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[f"optim/{ref}/{key}"] = torch.empty(model.shards[name].full_shape, dtype=p.dtype)
+            state[f"optim/{ref}/step"] = torch.empty(1, dtype=torch.float64)
+    dcp.load(state, checkpoint_id=str(directory))
+    load_state_dict(model, {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
+    if opt is not None:
+        tp = model.axes.tp
+        for name, p in model.tp_model.named_parameters(remove_duplicate=False):
+            shard, ref = model.shards[name], optim_keys[name]
+            opt.state[p] = {"step": state[f"optim/{ref}/step"].float().reshape(()),
+                            **{key: shard.take(state[f"optim/{ref}/{key}"], tp.rank, tp.size).clone()
+                               for key in ("exp_avg", "exp_avg_sq")}}
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return meta
+
+
+def _check_model(meta: dict, cfg: TrainConfig) -> None:
+    saved = meta["config"]["model"]
+    mine = cfg.to_dict()["model"]
+    if saved != mine:
+        fields = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+        raise ConfigError("the checkpoint holds another model: " + ", ".join(
+            f"{k} ({saved.get(k)!r} saved vs {mine.get(k)!r} now)" for k in fields))
+
+
+def load_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The single-device model's state dict and the meta from a checkpoint, in one process with
+    no process group (for inference or export), verified first."""
+    directory = resolve(path)
+    verify(directory)
+    meta = json.loads((directory / META).read_text())
+    from .config import ModelConfig
+    from .model import Transformer
+
+    ref = Transformer(ModelConfig(**meta["config"]["model"]))
+    state = {f"model/{k}": v.detach().clone() for k, v in ref.state_dict(keep_vars=False).items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return {k[len("model/"):]: v for k, v in state.items()}, meta
