@@ -93,6 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
                   "--out", str(tmp_path / "resumed")])
     assert again.returncode == 0, again.stderr[-2000:]
     want = json.loads((whole / "metrics.json").read_text())["losses"]
+    assert json.loads((part / "metrics.json").read_text())["losses"] == want  # two runs, bitwise the same
     got = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert got["first_step"] == 3 and got["losses"] == want[3:]
     other = _run([sys.executable, "-m", "meshattn", "train", *args, "--tp", "1", "--cp", "2", "--resume",

@@ -198,7 +198,8 @@ def test_hierarchical_allreduce_equals_flat_and_cuts_inter_node_bytes(pools, wor
 @pytest.mark.parametrize("layout", [dict(dp=2, tp=2), dict(dp=1, tp=2, cp=2, cp_impl="ring")], ids=["dp2-tp2", "cp2-tp2"])
 def test_bf16_autocast_stays_within_a_band_of_fp32(pools, layout):
     """bf16 autocast (fp32 weights, fp32 softmax statistics and loss) over 50 steps against the
-    fp32 single-device curve. Measured: at most 0.14% apart at any step (mean 0.017%); band 1%.
+    fp32 single-device curve. Measured: at most 0.14-0.20% apart at any step (mean 0.017-0.019%);
+    band 1%.
     The curves must also differ (autocast really ran)."""
     losses, _, ref_losses, _ = pools.run(4, run_both, sp=False, grad_accum=1, dtype="bfloat16", steps=50,
                                          **layout)[0]
@@ -212,11 +213,12 @@ def test_bf16_autocast_stays_within_a_band_of_fp32(pools, layout):
 def test_fp16_autocast_with_loss_scaling_stays_within_a_band_of_fp32(pools):
     """float16 autocast with dynamic loss scaling (scale 2^16, every rank deciding from the same
     global gradient norm) over 50 steps at dp2 x tp2 against the fp32 single-device curve.
-    fp16 keeps 3 more mantissa bits than bf16, so the band is the bf16 test's 1%."""
+    Measured: at most 0.014% apart (mean 0.003%; fp16 keeps 3 more mantissa bits than bf16);
+    band 0.2%."""
     losses, norms, ref_losses, _ = pools.run(4, run_both, dp=2, tp=2, sp=False, grad_accum=1, dtype="float16",
                                              steps=50)[0]
     got, want = torch.tensor(losses, dtype=torch.float64), torch.tensor(ref_losses, dtype=torch.float64)
     rel = (got - want).abs() / want
-    assert rel.max() < 1e-2, rel.max()
+    assert rel.max() < 2e-3, rel.max()
     assert rel.max() > 1e-6, "fp16 run identical to fp32: autocast did not take effect"
     assert all(torch.isfinite(torch.tensor(norms)))  # no overflow at this scale and model

@@ -54,7 +54,7 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
 def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
                  ulysses_size=None, seq=S, overlap=True):
     dtype = getattr(torch, dtype)
-    cfg = ModelConfig(**MODELS[model])
+    cfg = ModelConfig(**(MODELS[model] if isinstance(model, str) else model))
     torch.manual_seed(0)
     ref = Transformer(cfg).to(dtype)
     ids, targets = _batch(cfg, seq=seq)

@@ -111,15 +111,19 @@ def nan_on_one_rank(rank, world):
     opt = make_optimizer(model, cfg)
     train_step(model, opt, corpus, 0, cfg)  # a normal step first (optimizer state exists)
     before = [p.detach().clone() for p in model.parameters()]
-    victim = [p for p in model.parameters() if p.dim() == 2][2]
+    victim_name, victim = [(n, p) for n, p in model.tp_model.named_parameters() if p.dim() == 2][2]
     hook = victim.register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 3 else None
-    loss, norm = train_step(model, opt, corpus, 1, cfg)
+    report: dict = {}
+    loss, norm = train_step(model, opt, corpus, 1, cfg, report=report)
     if hook is not None:
         hook.remove()
     assert norm != norm  # nan on every rank, not only on rank 3
+    # rank 3 is tp rank 1 of replica 1; the dp average carries its NaN to tp rank 1 of replica 0
+    assert report["where"] == (f"first seen in the gradients of {model.shards[victim_name].name} on rank(s) [1, 3]; "
+                               "the loss was finite on every rank"), report
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # no step taken anywhere
-    with pytest.raises(NonFiniteError, match="step 1: .*not taken on any rank"):
-        _nonfinite(1, loss, norm, cfg, None, TrainResult())
+    with pytest.raises(NonFiniteError, match=r"step 1: .*not taken on any rank \(first seen in the gradients"):
+        _nonfinite(1, loss, norm, cfg, None, TrainResult(), report["where"])
     skip = dataclasses.replace(cfg, nonfinite="skip")
     result = TrainResult()
     _nonfinite(1, loss, norm, skip, None, result)  # by option: skipped, recorded, the run goes on

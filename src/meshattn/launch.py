@@ -65,6 +65,10 @@ def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, 
     try:
         init_distributed(rank, world, init_method, backend, timeout_s, local_rank, local_world)
         fn(*args)
+        # Nobody tears the group down while a peer may still be in a collective or its connection
+        # threads are busy: without this, gloo can abort a peer at exit ("terminate called
+        # without an active exception", SIGABRT) after a run that succeeded.
+        dist.barrier()
     except BaseException:
         if report_dir is not None:  # before the group is torn down, which makes the peers fail too
             Path(report_dir, f"{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(),

@@ -117,8 +117,27 @@ def clip_grads(model: ParallelModel, max_norm: float, norm: torch.Tensor | None 
     return norm
 
 
+def locate_nonfinite(model: ParallelModel, loss_finite: bool) -> str:
+    """Where a non-finite step showed first, the same text on every rank (one all_gather_object,
+    only on this path): the ranks whose own loss was not finite, else the ranks and parameters
+    whose gradients (after the data-parallel average, before the tp-wide norm) were not finite."""
+    bad = [model.shards[n].name for n, p in model.tp_model.named_parameters()
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (loss_finite, bad))
+    losses = [r for r, (ok, _) in enumerate(seen) if not ok]
+    if losses:
+        return f"first seen in the loss on rank(s) {losses}"
+    grads = {r: names for r, (_, names) in enumerate(seen) if names}
+    if not grads:
+        return "first seen in the gradient norm (every gradient finite on its own rank)"
+    names = sorted({n for ns in grads.values() for n in ns})
+    return (f"first seen in the gradients of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} on rank(s) "
+            f"{sorted(grads)}; the loss was finite on every rank")
+
+
 def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, step: int,
-               cfg: TrainConfig, scaler: LossScaler | None = None) -> tuple[float, float]:
+               cfg: TrainConfig, scaler: LossScaler | None = None, report: dict | None = None) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm).
 
     The global gradient norm (identical on every rank: gradients are averaged over dp x cp and
@@ -149,6 +168,8 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
         clip_grads(model, cfg.grad_clip, norm)
         opt.step()
     else:  # the same decision on every rank: no optimizer step
+        if report is not None:
+            report["where"] = locate_nonfinite(model, bool(torch.isfinite(loss_sum).all()))
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update(False)
@@ -231,13 +252,15 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
 
 
 def _nonfinite(step: int, loss: float, norm: float, cfg: TrainConfig, scaler: LossScaler | None,
-               result: TrainResult) -> None:
+               result: TrainResult, where: str = "") -> None:
     """A step whose loss or gradient norm was not finite (no optimizer step was taken): with a
     loss scaler an overflow just lowers the scale; otherwise stop (or skip, by option)."""
     if scaler is not None and math.isfinite(loss) and not scaler.exhausted:
         return  # fp16 overflow: the scaler halved its scale, the step was skipped
     result.skipped_steps.append(step)
     what = f"step {step}: loss {loss}, global gradient norm {norm}; the optimizer step was not taken on any rank"
+    if where:
+        what += f" ({where})"
     if scaler is not None and scaler.exhausted:
         what += f" (the fp16 loss scale fell to {scaler.scale:g})"
     if cfg.nonfinite == "stop":
@@ -279,9 +302,10 @@ def train(cfg: TrainConfig, mesh: DeviceMesh, progress: bool = True, prompt: str
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            loss, norm = train_step(model, opt, corpus, step, cfg, scaler)
+            report: dict = {}
+            loss, norm = train_step(model, opt, corpus, step, cfg, scaler, report)
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                _nonfinite(step, loss, norm, cfg, scaler, result)
+                _nonfinite(step, loss, norm, cfg, scaler, result, report.get("where", ""))
             result.step_times.append(time.perf_counter() - t0)
             result.losses.append(loss)
             result.grad_norms.append(norm)
