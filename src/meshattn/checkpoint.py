@@ -150,7 +150,7 @@ def save(model: ParallelModel, opt: torch.optim.Optimizer, cfg: TrainConfig, ste
     """Write checkpoint `step` under root (every rank calls this); returns its directory."""
     root = Path(root)
     final, partial = root / f"step-{step:08d}", root / f".step-{step:08d}.partial"
-    state = _optimizer_ready(_state(model, opt))
+    state = {k: v.contiguous() for k, v in _state(model, opt).items()}
     rank0 = dist.get_rank() == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
@@ -177,10 +177,6 @@ def save(model: ParallelModel, opt: torch.optim.Optimizer, cfg: TrainConfig, ste
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def _optimizer_ready(state: dict) -> dict:
-    return {k: v.contiguous() for k, v in state.items()}
 
 
 def _agree(error: str | None) -> None:

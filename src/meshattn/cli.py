@@ -57,46 +57,48 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="time and memory of parallel layouts side by side, with the single process "
                                      "and PyTorch-native tensor parallelism as peers",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset; sizes below override it")
-    for flag in ("d-model", "n-heads", "n-kv-heads", "n-layers", "d-ff"):
-        p.add_argument(f"--{flag}", type=int, default=None)
+    _model_flags(p)
     p.add_argument("--world", type=int, default=2, help="ranks for the default layout list")
     p.add_argument("--layouts", nargs="+", default=None,
                    help="e.g. single native-tp2 tp2 tp2+sp dp2 cp2:ring cp2:ulysses dp2xtp2 cp4:hybrid2 "
                         "(default: every valid layout of --world ranks, plus the two peers)")
     p.add_argument("--seq-len", type=int, nargs="+", default=[256], help="one or more (several: a scaling plot)")
-    p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed forward+backward steps per layout")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
-    p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    _job_flags(p)
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times, alternating; report medians (the machine's load drifts)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the PNG plots")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _model_flags(p) -> None:
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset; sizes below override it")
+    for flag in ("d-model", "n-heads", "n-kv-heads", "n-layers", "d-ff"):
+        p.add_argument(f"--{flag}", type=int, default=None)
+
+
+def _job_flags(p) -> None:
+    """What bench and profile share besides the model: batch, warm-up, precision, data, transport."""
+    p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="one layout under torch.profiler on every rank: traces and the compute / "
                                        "communication split per rank", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--layout", default="tp2", help="a layout name as for bench, e.g. tp2, dp2xtp2, cp2:ring, native-tp2")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset; sizes below override it")
-    for flag in ("d-model", "n-heads", "n-kv-heads", "n-layers", "d-ff"):
-        p.add_argument(f"--{flag}", type=int, default=None)
+    _model_flags(p)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=2, help="global sequences per step")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
-    p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    _job_flags(p)
     p.add_argument("--no-overlap", action="store_true",
                    help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
     p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces and profile.json")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
-    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
 
 
 def run_profile_command(a: argparse.Namespace) -> int:
@@ -115,8 +117,9 @@ def run_profile_command(a: argparse.Namespace) -> int:
     cfg = dataclasses.replace(check_layout(layout, model, a.batch_size, a.seq_len[0]), dtype=a.dtype, data=a.data)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd "
-          f"steps of {a.batch_size}x{a.seq_len[0]} tokens", flush=True)
+    print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} "
+          f"ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd steps of {a.batch_size}x{a.seq_len[0]} tokens",
+          flush=True)
     try:
         launch(profile_layout, layout.world, args=(layout_to_dict(layout), cfg.to_dict(), a.warmup, a.steps, str(out)),
                env={}, backend=a.backend, timeout_s=a.timeout)

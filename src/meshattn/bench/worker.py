@@ -48,6 +48,33 @@ def _build(layout: Layout, cfg: TrainConfig, counter: CommCounter):
     return model, ids.to(device), targets.to(device), lambda loss: loss.item()
 
 
+def _steps(model, ids: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig):
+    """forward() -> loss and step() -> loss (forward + backward from cleared gradients): the
+    work every layout is timed and profiled on."""
+    params = list(model.parameters())
+
+    def forward() -> torch.Tensor:
+        with autocast(cfg, ids.device):
+            return model(ids, targets)[1]
+
+    def step() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        loss = forward()
+        loss.backward()
+        return loss
+
+    return forward, step
+
+
+def _by_kind(per_key) -> dict:
+    """CommCounter totals keyed (axis, kind, phase) -> totals per collective kind."""
+    out: dict[str, float] = {}
+    for (_, kind, _), n in per_key.items():
+        out[kind] = out.get(kind, 0) + n
+    return out
+
+
 def _native_comm_counts(step) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -64,20 +91,8 @@ def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str
     cfg = TrainConfig.from_dict(cfg_dict)
     counter = CommCounter()
     model, ids, targets, global_loss = _build(layout, cfg, counter)
-    params = list(model.parameters())
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # DTensor -> this rank's shard
-
-    def forward() -> torch.Tensor:
-        with autocast(cfg, ids.device):
-            return model(ids, targets)[1]
-
-    def step() -> torch.Tensor:
-        for p in params:
-            p.grad = None
-        loss = forward()
-        loss.backward()
-        return loss
-
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # DTensor: this rank's
+    forward, step = _steps(model, ids, targets, cfg)
     first_loss = global_loss(step())
     for _ in range(max(warmup - 1, 0)):
         step()
@@ -94,11 +109,9 @@ def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    comm: dict[str, float] = {}
-    for (_, kind, _), nbytes in counter.nbytes.items():
-        comm[kind] = comm.get(kind, 0) + nbytes / steps
+    comm = {kind: n / steps for kind, n in _by_kind(counter.nbytes).items()}
     if not comm_calls:
-        comm_calls = {kind: n / steps for kind, n in _sum_by_kind(counter.calls).items()}
+        comm_calls = {kind: n / steps for kind, n in _by_kind(counter.calls).items()}
     row = {"rank": dist.get_rank(), "threads": torch.get_num_threads(), "times": times, "first_loss": first_loss,
            "saved_activation_bytes": saved.nbytes, "param_bytes": tensor_bytes(local),
            "peak_rss": mem.peak, "peak_above_baseline": mem.delta, "comm_bytes": comm, "comm_calls": comm_calls}
@@ -107,12 +120,6 @@ def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(rows))
 
-
-def _sum_by_kind(calls) -> dict:
-    out: dict[str, int] = {}
-    for (_, kind, _), n in calls.items():
-        out[kind] = out.get(kind, 0) + n
-    return out
 
 
 STEP_EVENT = "meshattn.step"
@@ -129,15 +136,7 @@ def profile_layout(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, o
     layout = layout_from_dict(layout_dict)
     cfg = TrainConfig.from_dict(cfg_dict)
     model, ids, targets, _ = _build(layout, cfg, CommCounter())
-    params = list(model.parameters())
-
-    def step() -> None:
-        for p in params:
-            p.grad = None
-        with autocast(cfg, ids.device):
-            loss = model(ids, targets)[1]
-        loss.backward()
-
+    _, step = _steps(model, ids, targets, cfg)
     for _ in range(warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
