@@ -179,49 +179,47 @@ def save(model: ParallelModel, opt: torch.optim.Optimizer, cfg: TrainConfig, ste
     return final
 
 
-def _agree(error: str | None) -> None:
-    """Raise the same CheckpointError on every rank if rank 0 found one (one small collective)."""
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise CheckpointError(box[0])
+def _open(path: Path, cfg: TrainConfig | None = None) -> tuple[Path, dict]:
+    """The verified checkpoint directory behind `path` and its meta; with cfg, refuse another model."""
+    directory = resolve(path)
+    verify(directory)
+    meta = json.loads((directory / META).read_text())
+    if cfg is not None:
+        _check_model(meta, cfg)
+    return directory, meta
 
 
 def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConfig, path: Path) -> dict:
     """Load a checkpoint saved at any layout into this one (every rank calls this); returns its
-    meta (step, config, extra). The files are verified before DCP unpickles anything."""
-    error, directory, meta = None, None, None
+    meta (step, config, extra). Rank 0 verifies the files before DCP unpickles anything and
+    shares the verdict in one small collective, so every rank raises the same error."""
+    box = [None, None, None]  # error, directory, meta
     if dist.get_rank() == 0:
         try:
-            directory = resolve(path)
-            verify(directory)
-            meta = json.loads((directory / META).read_text())
-            _check_model(meta, cfg)
+            directory, meta = _open(path, cfg)
+            box = [None, str(directory), meta]
         except (CheckpointError, OSError, ValueError) as e:
-            error = str(e)
-    _agree(error)
-    box = [str(directory), meta]
+            box = [str(e), None, None]
     dist.broadcast_object_list(box, src=0)
-    directory, meta = Path(box[0]), box[1]
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+    directory, meta = Path(box[1]), box[2]
     dtype = next(model.parameters()).dtype
     state = {f"model/{s.name}": torch.empty(s.full_shape, dtype=dtype) for s in model.shards.values()}
-    optim_keys = {}
     opt = opt if meta["optimizer"] else None  # saved before any optimizer step: nothing to restore
     if opt is not None:
-        for name, p in model.tp_model.named_parameters(remove_duplicate=False):
-            ref = model.shards[name].name
-            optim_keys[name] = ref
+        for shard in model.shards.values():
             for key in ("exp_avg", "exp_avg_sq"):
-                state[f"optim/{ref}/{key}"] = torch.empty(model.shards[name].full_shape, dtype=p.dtype)
-            state[f"optim/{ref}/step"] = torch.empty(1, dtype=torch.float64)
+                state[f"optim/{shard.name}/{key}"] = torch.empty(shard.full_shape, dtype=dtype)
+            state[f"optim/{shard.name}/step"] = torch.empty(1, dtype=torch.float64)
     dcp.load(state, checkpoint_id=str(directory))
     load_state_dict(model, {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
     if opt is not None:
         tp = model.axes.tp
         for name, p in model.tp_model.named_parameters(remove_duplicate=False):
-            shard, ref = model.shards[name], optim_keys[name]
-            opt.state[p] = {"step": state[f"optim/{ref}/step"].float().reshape(()),
-                            **{key: shard.take(state[f"optim/{ref}/{key}"], tp.rank, tp.size).clone()
+            shard = model.shards[name]
+            opt.state[p] = {"step": state[f"optim/{shard.name}/step"].float().reshape(()),
+                            **{key: shard.take(state[f"optim/{shard.name}/{key}"], tp.rank, tp.size).clone()
                                for key in ("exp_avg", "exp_avg_sq")}}
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta
@@ -239,14 +237,13 @@ def _check_model(meta: dict, cfg: TrainConfig) -> None:
 def load_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The single-device model's state dict and the meta from a checkpoint, in one process with
     no process group (for inference or export), verified first."""
-    directory = resolve(path)
-    verify(directory)
-    meta = json.loads((directory / META).read_text())
+    directory, meta = _open(path)
     from .config import ModelConfig
     from .model import Transformer
 
-    ref = Transformer(ModelConfig(**meta["config"]["model"]))
-    state = {f"model/{k}": v.detach().clone() for k, v in ref.state_dict(keep_vars=False).items()}
+    with torch.device("meta"):  # shapes only: no initialisation of weights DCP overwrites anyway
+        shapes = Transformer(ModelConfig(**meta["config"]["model"])).state_dict()
+    state = {f"model/{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
         dcp.load(state, checkpoint_id=str(directory), no_dist=True)
