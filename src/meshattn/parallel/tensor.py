@@ -21,6 +21,7 @@ from torch.autograd import Function
 from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
 from ..config import ModelConfig
 from ..model import attend_split, attention_core, mlp_hidden, rotary_tables
+from ..norm import rms_norm
 from .recompute import block_forward
 from .shard import Shard
 
@@ -205,7 +206,7 @@ class ParallelNorm(ShardedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.region.replicated(self.weight)
         if self.kind == "rmsnorm":
-            return F.rms_norm(x, x.shape[-1:], w, self.eps)
+            return rms_norm(x, w, self.eps)  # fused: see norm.py
         return F.layer_norm(x, x.shape[-1:], w, self.region.replicated(self.bias), self.eps)
 
 
