@@ -26,13 +26,14 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.parametrize("name", ["single", "native-tp2", "tp2", "tp2+sp", "dp2", "cp2:ring", "cp2:ulysses:contiguous",
                                   "cp4:hybrid2", "dp2xtp2", "dp2xcp2:allgatherxtp2", "tp2@block",
-                                  "cp2:ring@attention"])
+                                  "cp2:ring@attention", "tp2+wv", "tp2+sp+vp", "dp2xtp2+vp@block"])
 def test_layout_names_round_trip(name):
     assert parse_layout(name).name == name
 
 
 @pytest.mark.parametrize("bad", ["tp", "tq2", "single@block", "tp2@all", "dp2:ring", "cp2:spiral", "tp2+sp+sp",
-                                 "cp2:ring:diagonal", "cp4:hybrid3"])
+                                 "cp2:ring:diagonal", "cp4:hybrid3", "dp2+wv",
+                                 "tp2+wv+sp"])
 def test_bad_layout_names_are_refused(bad):
     with pytest.raises(ConfigError, match=r"cp|layout|hybrid|ulysses"):
         parse_layout(bad)
@@ -101,19 +102,21 @@ def _meshattn(args, timeout=300):
 
 def test_bench_command_end_to_end(tmp_path):
     res = _meshattn(["bench", "--preset", "tiny", "--seq-len", "32", "64", "--batch-size", "2", "--layouts", "single",
-                     "native-tp2", "tp2", "cp2:ring", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)])
+                     "native-tp2", "tp2", "tp2+vp", "cp2:ring", "--warmup", "1", "--steps", "1", "--out",
+                     str(tmp_path)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "meshattn tp2 / PyTorch-native tp2 (DTensor) fwd+bwd step time" in res.stdout
     assert "meshattn bench: 100%" in res.stderr  # the progress bar ran to the end
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(r["seq_len"], r["layout"]) for r in results] == [
-        (s, name) for s in (32, 64) for name in ("single", "native-tp2", "tp2", "cp2:ring")]
+        (s, name) for s in (32, 64) for name in ("single", "native-tp2", "tp2", "tp2+vp", "cp2:ring")]
     for r in results:  # every layout computes the same model: first-step losses agree
         assert r["loss_delta"] < 1e-5, r
         assert r["activation_bytes"] > 0 and r["step_ms"] > 0
     tiny = preset("tiny")
-    for r in (r for r in results if r["layout"] == "tp2"):  # bytes counted == the planner's, exactly
-        analytic = tensor_parallel_comm(tiny, ParallelConfig(tp=2), 2, r["seq_len"])
+    for r in (r for r in results if r["layout"].startswith("tp2")):  # bytes counted == the planner's, exactly
+        vocab = "on" if r["layout"] == "tp2+vp" else "auto"
+        analytic = tensor_parallel_comm(tiny, ParallelConfig(tp=2, vocab_parallel=vocab), 2, r["seq_len"])
         assert r["comm_bytes"]["all_reduce"] == sum(v.nbytes for k, v in analytic.items() if "all_reduce" in k)
         assert "vs_native" in r
     assert all(r["comm_calls"] for r in results if r["layout"] == "native-tp2")  # from CommDebugMode

@@ -25,3 +25,8 @@ def test_tp_scaling_benchmark_runs():
     out = _run(["benchmarks/tp_scaling.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "32",
                 "--steps", "1", "--warmup", "1", "--tp", "2", "--checkpoint", "block"])
     assert "tp=2" in out and "measured" in out
+
+
+def test_norm_benchmark_runs():
+    out = _run(["benchmarks/norm.py", "--tokens", "16", "--d-model", "8", "--iters", "1", "--rounds", "1"])
+    assert "ratio fused / F.rms_norm" in out

@@ -63,6 +63,8 @@ def test_model_config_errors(kwargs, pattern):
     (dict(cp=4, cp_impl="hybrid", ulysses_size=3), r"needs ulysses_size dividing cp=4"),
     (dict(cp=4, ulysses_size=2), r"ulysses_size is only used by cp_impl='hybrid'"),
     (dict(tp=4, node_size=6), r"node_size=6 must be a positive multiple of tp=4"),
+    (dict(vocab_parallel="yes"), r"vocab_parallel='yes' is unknown; choose one of \('auto', 'on', 'off'\)"),
+    (dict(tp=2, sequence_parallel=True, vocab_parallel="off"), r"use vocab_parallel='on' \(or 'auto'\)"),
 ])
 def test_parallel_config_errors(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -70,8 +72,22 @@ def test_parallel_config_errors(kwargs, pattern):
 
 
 def test_vocab_not_divisible_names_padding():
-    with pytest.raises(ConfigError, match=r"vocab_size=50257 is not divisible by tp=2.*pad vocab_size to 50258"):
+    with pytest.raises(ConfigError, match=r"vocab_size=50257 is not divisible by tp=2.*pad vocab_size to 50258, "
+                                          r"set vocab_parallel='off'"):
         ParallelConfig(tp=2).check_model(ModelConfig(d_model=768, n_heads=12, vocab_size=50257))
+    # A whole vocabulary needs no divisibility.
+    ParallelConfig(tp=2, vocab_parallel="off").check_model(ModelConfig(d_model=768, n_heads=12, vocab_size=50257))
+
+
+def test_vocab_split_rule():
+    byte_level, subword = ModelConfig(d_model=128, n_heads=4, vocab_size=512), preset("gpt2-small")
+    assert not ParallelConfig(tp=2).splits_vocab(byte_level)  # 512 <= 4 * 128: whole
+    assert ParallelConfig(tp=2).splits_vocab(ModelConfig(d_model=128, n_heads=4, vocab_size=576))
+    assert ParallelConfig(tp=2).splits_vocab(subword)
+    assert ParallelConfig(tp=2, sequence_parallel=True).splits_vocab(byte_level)  # forced by sequence parallelism
+    assert ParallelConfig(tp=2, vocab_parallel="on").splits_vocab(byte_level)
+    assert not ParallelConfig(tp=2, vocab_parallel="off").splits_vocab(subword)
+    assert not ParallelConfig(dp=2, vocab_parallel="on").splits_vocab(subword)  # nothing to split at tp=1
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

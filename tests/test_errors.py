@@ -20,7 +20,7 @@ def refuse_everywhere(rank, world):
         "kv": lambda: parallelize(Transformer(ModelConfig(d_model=48, n_heads=6, n_kv_heads=3, vocab_size=64)),
                                   mesh_for(ParallelConfig(tp=world)), ParallelConfig(tp=world)),
         "vocab": lambda: parallelize(Transformer(ModelConfig(vocab_size=255)), mesh_for(ParallelConfig(tp=world)),
-                                     ParallelConfig(tp=world)),
+                                     ParallelConfig(tp=world, vocab_parallel="on")),
     }
     messages = {}
     for name, attempt in attempts.items():

@@ -54,3 +54,20 @@ def test_gradient_of_one_input_only():
         got, want = (a.grad, ra.grad) if needs_x else (b.grad, rb.grad)
         assert (b.grad if needs_x else a.grad) is None
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_does_not_lower_the_norm_precision():
+    """Under bf16 autocast (backward included) the norm computes as in fp32: the weight gradient's
+    matrix-vector product must not be autocast to bf16."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    g = torch.randn(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(x, w, 1e-5)
+        y.backward(g)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    rms_norm(x_ref, w_ref, 1e-5).backward(g)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=0)

@@ -34,7 +34,8 @@ def models_and_layouts(draw):
         tie_embeddings=draw(st.booleans()))
     tp = draw(st.sampled_from([1, 2, 4]))
     cp = draw(st.sampled_from([c for c in (1, 2, 4) if tp * c <= WORLD]))
-    layout = dict(dp=WORLD // (tp * cp), tp=tp, cp=cp, sp=draw(st.booleans()) if tp > 1 else False)
+    layout = dict(dp=WORLD // (tp * cp), tp=tp, cp=cp, sp=draw(st.booleans()) if tp > 1 else False,
+                  vocab=draw(st.sampled_from(["auto", "on", "off"])) if tp > 1 else "auto")
     if cp > 1:
         impl = draw(st.sampled_from(["allgather", "ring", "ulysses"] + (["hybrid"] if cp == 4 else [])))
         layout.update(cp_impl=impl, cp_layout=draw(st.sampled_from(["contiguous", "zigzag"])),
@@ -45,7 +46,8 @@ def models_and_layouts(draw):
 def _refusal(model: dict, layout: dict) -> str | None:
     """The configuration error, if any, raised before any process group is touched."""
     try:
-        par = ParallelConfig(**{k: v for k, v in layout.items() if k != "sp"}, sequence_parallel=layout["sp"])
+        par = ParallelConfig(**{k: v for k, v in layout.items() if k not in ("sp", "vocab")},
+                             sequence_parallel=layout["sp"], vocab_parallel=layout["vocab"])
         par.check_model(ModelConfig(**model))
     except ConfigError as e:
         return str(e)

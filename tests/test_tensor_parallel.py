@@ -24,9 +24,12 @@ MODELS = {
     "mqa": dict(d_model=32, n_heads=4, n_kv_heads=1, n_layers=2, d_ff=64, vocab_size=64, max_seq_len=16,
                 norm="layernorm", position="rope", activation="swiglu", bias=True),
 }
-# (world, dp, tp, sequence_parallel)
-LAYOUTS = [(1, 1, 1, False), (2, 1, 2, False), (2, 2, 1, False), (2, 1, 2, True),
-           (4, 1, 4, False), (4, 4, 1, False), (4, 2, 2, False), (4, 2, 2, True), (4, 1, 4, True)]
+# (world, dp, tp, sequence_parallel, vocab_parallel). These models' vocabulary (64 <= 4 * d_model)
+# is kept whole under "auto" unless sequence parallelism forces the split; "on" and "off" cover both
+# ways on plain tensor parallelism.
+LAYOUTS = [(1, 1, 1, False, "auto"), (2, 1, 2, False, "on"), (2, 1, 2, False, "off"), (2, 2, 1, False, "auto"),
+           (2, 1, 2, True, "auto"), (4, 1, 4, False, "on"), (4, 1, 4, False, "off"), (4, 4, 1, False, "auto"),
+           (4, 2, 2, False, "on"), (4, 2, 2, True, "auto"), (4, 1, 4, True, "on")]
 B, S = 4, 8
 
 
@@ -52,7 +55,7 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
 
 
 def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
-                 ulysses_size=None, seq=S, overlap=True):
+                 ulysses_size=None, seq=S, overlap=True, vocab="auto"):
     dtype = getattr(torch, dtype)
     cfg = ModelConfig(**(MODELS[model] if isinstance(model, str) else model))
     torch.manual_seed(0)
@@ -63,12 +66,13 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
     ref_loss.backward()
 
     par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
-                         ulysses_size=ulysses_size, overlap=overlap)
+                         ulysses_size=ulysses_size, overlap=overlap, vocab_parallel=vocab)
     pm = parallelize(ref, mesh_for(par), par)
+    assert pm.tp_model.vocab_parallel == par.splits_vocab(cfg)
     dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
     par_in = _capture_block_input(pm.tp_model.blocks[0])
     rows = torch.arange(B).chunk(dp)[dp_axis.rank]
-    logits, loss = pm(*pm.shard_batch(ids, targets))  # (B/dp, S/cp) tokens in, (B/dp, S/cp, V/tp) out
+    logits, loss = pm(*pm.shard_batch(ids, targets))  # (B/dp, S/cp) tokens in, (B/dp, S/cp, V/tp | V) out
     loss.backward()
 
     def unshard(t, seq_dim, tp_dim=None):  # this replica's rows, whole sequence, whole vocab/width
@@ -77,7 +81,8 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
             t = all_gather_raw(t, tp_dim, plain_tp, "fwd")
         return t if pm.split is None else pm.split.unshard(t, seq_dim)
 
-    assert_close(unshard(logits.detach(), 1, tp_dim=2), ref_logits.detach()[rows], "logits")
+    vocab_dim = 2 if pm.tp_model.vocab_parallel else None
+    assert_close(unshard(logits.detach(), 1, tp_dim=vocab_dim), ref_logits.detach()[rows], "logits")
     # Each rank's loss is weighted so that its mean over dp x cp is the global mean.
     mean_loss = loss.detach().reshape(1).clone()
     if batch_axis.size > 1:
@@ -101,17 +106,19 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("world,dp,tp,sp", LAYOUTS, ids=[f"w{w}-dp{d}-tp{t}{'-sp' if s else ''}" for w, d, t, s in LAYOUTS])
-def test_parity_fp32(pools, world, dp, tp, sp, model):
-    counts = pools.run(world, check_parity, dp=dp, tp=tp, sp=sp, model=model, dtype="float32")
+@pytest.mark.parametrize("world,dp,tp,sp,vocab", LAYOUTS,
+                         ids=[f"w{w}-dp{d}-tp{t}{'-sp' if s else ''}-vocab-{v}" for w, d, t, s, v in LAYOUTS])
+def test_parity_fp32(pools, world, dp, tp, sp, vocab, model):
+    counts = pools.run(world, check_parity, dp=dp, tp=tp, sp=sp, model=model, dtype="float32", vocab=vocab)
     n_params = len(list(Transformer(ModelConfig(**MODELS[model])).named_parameters(remove_duplicate=False)))
     assert counts == [n_params] * world
 
 
-@pytest.mark.parametrize("world,dp,tp,sp", [(2, 1, 2, False), (4, 2, 2, True), (4, 1, 4, False)])
+@pytest.mark.parametrize("world,dp,tp,sp,vocab", [(2, 1, 2, False, "on"), (4, 2, 2, True, "auto"),
+                                                  (4, 1, 4, False, "off")])
 @pytest.mark.parametrize("model", ["gqa-llama", "mqa"])
-def test_parity_fp64(pools, world, dp, tp, sp, model):
-    pools.run(world, check_parity, dp=dp, tp=tp, sp=sp, model=model, dtype="float64")
+def test_parity_fp64(pools, world, dp, tp, sp, vocab, model):
+    pools.run(world, check_parity, dp=dp, tp=tp, sp=sp, model=model, dtype="float64", vocab=vocab)
 
 
 @pytest.mark.parametrize("model", ["gqa-llama", "mqa"])
@@ -142,12 +149,12 @@ def test_parity_check_detects_missing_replica_sum(pools):
     pools.run(2, check_replica_sum_is_needed)
 
 
-def measure_comm(rank, world, tp, sp, model):
+def measure_comm(rank, world, tp, sp, model, vocab):
     cfg = ModelConfig(**MODELS[model])
     torch.manual_seed(0)
     ref = Transformer(cfg)
     ids, targets = _batch(cfg)
-    par = ParallelConfig(tp=tp, sequence_parallel=sp)
+    par = ParallelConfig(tp=tp, sequence_parallel=sp, vocab_parallel=vocab)
     counter = CommCounter()
     pm = parallelize(ref, mesh_for(par), par, counter)
     pm(ids, targets)[1].backward()
@@ -155,23 +162,27 @@ def measure_comm(rank, world, tp, sp, model):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("tp,sp", [(2, False), (4, False), (2, True), (4, True)])
-def test_comm_bytes_match_analytic(pools, tp, sp, model):
-    measured = pools.run(tp, measure_comm, tp=tp, sp=sp, model=model)
+@pytest.mark.parametrize("tp,sp,vocab", [(2, False, "on"), (2, False, "off"), (4, False, "on"), (2, True, "on"),
+                                         (4, True, "on")])
+def test_comm_bytes_match_analytic(pools, tp, sp, vocab, model):
+    measured = pools.run(tp, measure_comm, tp=tp, sp=sp, model=model, vocab=vocab)
     assert all(m == measured[0] for m in measured), "every tp rank moves the same volume"
     cfg = ModelConfig(**MODELS[model])
-    predicted = tensor_parallel_comm(cfg, ParallelConfig(tp=tp, sequence_parallel=sp), B, S, itemsize=4)
+    predicted = tensor_parallel_comm(cfg, ParallelConfig(tp=tp, sequence_parallel=sp, vocab_parallel=vocab), B, S,
+                                     itemsize=4)
     assert measured[0] == {k: (v.calls, v.nbytes) for k, v in predicted.items()}
     # The headline figure, written out independently of the planner: per layer, 2 collectives of
     # B*S*d_model fp32 elements forward and 2 backward on the tp axis (all-reduces, or all-gather +
-    # reduce-scatter pairs under sequence parallelism), plus one each for the vocab embedding/head.
+    # reduce-scatter pairs under sequence parallelism), plus, for a split vocabulary, one each for
+    # the embedding and the head and three all-reduces of B*S values in the loss.
+    split = vocab == "on"
     act = B * S * cfg.d_model * 4
     fwd_kinds = ["tp/all_gather/fwd", "tp/reduce_scatter/fwd"] if sp else ["tp/all_reduce/fwd"]
-    fwd_activation_bytes = sum(measured[0][k][1] for k in fwd_kinds) - (0 if sp else 3 * B * S * 4)
-    assert fwd_activation_bytes == (2 * cfg.n_layers + 1) * act * (2 if sp else 1)
+    fwd_activation_bytes = sum(measured[0][k][1] for k in fwd_kinds) - (3 * B * S * 4 if split and not sp else 0)
+    assert fwd_activation_bytes == (2 * cfg.n_layers + split) * act * (2 if sp else 1)
     bwd_kinds = ["tp/all_gather/bwd", "tp/reduce_scatter/bwd"] if sp else ["tp/all_reduce/bwd"]
     bwd_activation_bytes = sum(measured[0][k][1] for k in bwd_kinds)
-    assert bwd_activation_bytes == (2 * cfg.n_layers + 1) * act * (2 if sp else 1)
+    assert bwd_activation_bytes == (2 * cfg.n_layers + split) * act * (2 if sp else 1)
     # Replicated KV heads: per layer, the K and V weight (+ bias) slices of one KV head, summed
     # over the tp/G ranks that hold it.
     if cfg.n_kv_heads < tp:

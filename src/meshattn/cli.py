@@ -25,6 +25,9 @@ def _train_parser(sub) -> None:
                    help="which sequence chunks each cp rank holds (zigzag balances causal work)")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --cp-impl hybrid")
     p.add_argument("--sp", action="store_true", help="Megatron sequence parallelism for norms/residuals")
+    p.add_argument("--vocab-parallel", default="auto", choices=["auto", "on", "off"],
+                   help="split the embedding and LM head over tp (on), keep them whole on every tp rank (off), or "
+                        "keep them whole only for a vocabulary of at most 4 x d_model (auto)")
     p.add_argument("--node-size", type=int, default=None,
                    help="ranks per node: gradients are reduce-scattered inside a node, all-reduced across nodes")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -195,7 +198,8 @@ def torch_version() -> str:
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
-                              cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size)
+                              cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size,
+                              vocab_parallel=a.vocab_parallel)
     return TrainConfig(model=preset(a.preset), parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,

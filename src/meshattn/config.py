@@ -27,9 +27,10 @@ def _legal(values: list[int]) -> str:
 
 NORMS = ("layernorm", "rmsnorm")
 CP_IMPLS = ("allgather", "ring", "ulysses", "hybrid")
-CHECKPOINTS = ("none", "attention", "block")
-DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")  # activation checkpointing: nothing, the attention core, whole blocks
+CHECKPOINTS = ("none", "attention", "block")  # activation checkpointing: nothing, the attention core, whole blocks
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 CP_LAYOUTS = ("contiguous", "zigzag")
+VOCAB_PARALLEL = ("auto", "on", "off")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -151,6 +152,9 @@ class ParallelConfig:
     # Post ring transfers and the tensor-parallel input-gradient all-reduce before the computation
     # that hides them; False waits for each at once (to measure what overlap buys).
     overlap: bool = True
+    # Split the embedding and LM head over tp ("on", Megatron's vocab-parallel layers), keep them
+    # whole on every tp rank ("off"), or decide from the sizes ("auto"; see splits_vocab).
+    vocab_parallel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp"):
@@ -168,12 +172,35 @@ class ParallelConfig:
         if self.node_size is not None and (self.node_size < 1 or self.node_size % self.tp):
             raise ConfigError(f"node_size={self.node_size} must be a positive multiple of tp={self.tp} (tensor-"
                               "parallel groups stay inside a node)")
+        if self.vocab_parallel not in VOCAB_PARALLEL:
+            raise ConfigError(f"vocab_parallel={self.vocab_parallel!r} is unknown; choose one of {VOCAB_PARALLEL}")
+        if self.vocab_parallel == "off" and self.sequence_parallel and self.tp > 1:
+            raise ConfigError("vocab_parallel='off' keeps the LM head whole, which sequence parallelism does not "
+                              "support; use vocab_parallel='on' (or 'auto') with sequence_parallel")
         if self.cp_impl != "hybrid" and self.ulysses_size is not None:
             raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.cp * self.tp
+
+    def splits_vocab(self, model: ModelConfig) -> bool:
+        """Whether the embedding and LM head are split over tp.
+
+        Split, each rank holds V/tp rows and computes V/tp logits, at the price of two more
+        collectives of B*S*h values per step (the embedding's exit, the head's entry) and three
+        all-reduces of B*S values in the loss, each a synchronisation point. Whole, each rank
+        computes all V logits: 6*B*S*V*h (1 - 1/tp) more FLOPs and 2*V*h more parameters per rank,
+        and no communication. "auto" keeps them whole when V <= 4*h, where the head costs at most
+        what one layer's four h x h attention projections cost (byte- and character-level
+        vocabularies); real subword vocabularies (32k-256k) are split. Under sequence
+        parallelism the vocabulary is always split.
+        """
+        if self.tp == 1:
+            return False
+        if self.vocab_parallel == "auto":
+            return self.sequence_parallel or model.vocab_size > 4 * model.d_model
+        return self.vocab_parallel == "on"
 
     def check_world(self, world_size: int) -> None:
         if self.node_size is not None and world_size % self.node_size:
@@ -213,11 +240,11 @@ class ParallelConfig:
                 f"d_ff={model.d_ff} is not divisible by tp={tp}; legal tp sizes: "
                 f"{_legal([t for t in divisors(model.d_ff) if model.n_heads % t == 0])}"
             )
-        if model.vocab_size % tp:
+        if self.splits_vocab(model) and model.vocab_size % tp:
             padded = -(-model.vocab_size // tp) * tp
             raise ConfigError(
                 f"vocab_size={model.vocab_size} is not divisible by tp={tp} (the vocabulary is split "
-                f"over tp); pad vocab_size to {padded} or choose tp among "
+                f"over tp); pad vocab_size to {padded}, set vocab_parallel='off', or choose tp among "
                 f"{_legal([t for t in divisors(model.vocab_size) if model.n_heads % t == 0])}"
             )
 

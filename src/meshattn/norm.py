@@ -22,8 +22,21 @@ from torch.autograd import Function
 
 
 class _RMSNorm(Function):
+    # Autocast is off inside both passes: the math below picks its own precision, and under
+    # autocast the weight-gradient matrix-vector product would otherwise run in bf16/fp16.
+
     @staticmethod
     def forward(ctx, x, weight, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            return _RMSNorm._forward(ctx, x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _RMSNorm._backward(ctx, grad)
+
+    @staticmethod
+    def _forward(ctx, x, weight, eps):
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])  # (N, h)
         if x2.dtype in (torch.float16, torch.bfloat16):
@@ -35,7 +48,7 @@ class _RMSNorm(Function):
         return y.to(dtype).view(shape)
 
     @staticmethod
-    def backward(ctx, grad):
+    def _backward(ctx, grad):
         x2, weight, rstd = ctx.saved_tensors
         h = x2.shape[-1]
         g2 = grad.reshape(-1, h).to(x2.dtype)  # (N, h)

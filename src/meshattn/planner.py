@@ -29,16 +29,18 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     Keys are "axis/kind/phase" as the CommCounter records them. Per block: the attention and
     the MLP each enter the tensor-parallel region once and leave it once, each a collective of
     B*S*h elements (all-reduce forward + identity, or all-gather / reduce-scatter with sequence
-    parallelism), mirrored in backward. The vocab-parallel embedding leaves the region once and
-    the LM head enters it once; the loss all-reduces three (B*S,) vectors. Replicated KV heads
-    (n_kv_heads < tp) sum their weight gradients over their replica group ("kv" axis).
+    parallelism), mirrored in backward. A split vocabulary (par.splits_vocab) adds one exit for
+    the embedding and one entry for the LM head, and the loss all-reduces three (B*S,) vectors; a
+    whole one adds nothing. Replicated KV heads (n_kv_heads < tp) sum their weight gradients over
+    their replica group ("kv" axis).
     """
     out: dict[str, Volume] = defaultdict(Volume)
     tp, L, h, n = par.tp, model.n_layers, model.d_model, batch * seq
     if tp == 1:
         return {}
     act = n * h
-    regions = 2 * L + 1  # block entries/exits + the embedding exit or the head entry
+    vocab = par.splits_vocab(model)
+    regions = 2 * L + int(vocab)  # block entries/exits + the embedding exit or the head entry
     if par.sequence_parallel:
         out["tp/reduce_scatter/fwd"].add(regions, act, itemsize)
         out["tp/all_gather/fwd"].add(regions, act, itemsize)
@@ -52,7 +54,8 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     else:
         out["tp/all_reduce/fwd"].add(regions, act, itemsize)
         out["tp/all_reduce/bwd"].add(regions, act, itemsize)
-    out["tp/all_reduce/fwd"].add(3, n, itemsize)  # row max, exp-sum, target logit
+    if vocab:
+        out["tp/all_reduce/fwd"].add(3, n, itemsize)  # row max, exp-sum, target logit
     if model.n_kv_heads < tp:
         kv_weights = model.head_dim * h  # one KV head's K (or V) rows
         out["kv/all_reduce/bwd"].add(2 * L, kv_weights, itemsize)

@@ -206,8 +206,8 @@ def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: floa
             logits, _ = tp_model(padded)  # (1, n', V/tp)
         else:
             logits = split.unshard(tp_model(split.shard(padded, 1))[0], 1)  # (1, n', V/tp) in global order
-        last = logits[0, n - 1].float()  # (V/tp,)
-        full = (all_gather_raw(last, 0, plain_tp, "fwd") if tp.size > 1 else last).cpu()  # (V,)
+        last = logits[0, n - 1].float()  # (V/tp,) or (V,)
+        full = (all_gather_raw(last, 0, plain_tp, "fwd") if tp_model.vocab_parallel else last).cpu()  # (V,)
         if temperature <= 0:  # greedy
             ids = torch.cat([ids, full.argmax().reshape(1)])
             continue

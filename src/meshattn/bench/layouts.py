@@ -4,7 +4,9 @@ A layout name is either a peer or a meshattn mesh:
 
     single              the reference model in one process (all cores)
     native-tp2          PyTorch's own tensor parallelism (DTensor parallelize_module) at tp=2
-    tp2                 meshattn tensor parallelism; "tp2+sp" adds sequence parallelism
+    tp2                 meshattn tensor parallelism; "tp2+sp" adds sequence parallelism; "+vp"
+                        splits the vocabulary over tp, "+wv" keeps it whole (default: decided
+                        from the sizes, ParallelConfig.splits_vocab)
     dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp], cp<N>[:impl[:layout]]
     cp2:ring            context parallelism: impl ring | ulysses | allgather | hybrid<U>
     cp4:hybrid2:zigzag  (U = the Ulysses group size), layout zigzag (default) | contiguous
@@ -49,7 +51,8 @@ class Layout:
             impl = f"hybrid{p.ulysses_size}" if p.cp_impl == "hybrid" else p.cp_impl
             parts.append(f"cp{p.cp}:{impl}" + ("" if p.cp_layout == "zigzag" else f":{p.cp_layout}"))
         if p.tp > 1 or p.sequence_parallel:
-            parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else ""))
+            vocab = {"auto": "", "on": "+vp", "off": "+wv"}[p.vocab_parallel]
+            parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else "") + vocab)
         name = "x".join(parts) or "dp1"
         return name if self.checkpoint == "none" else f"{name}@{self.checkpoint}"
 
@@ -68,21 +71,24 @@ def parse_layout(name: str) -> Layout:
     sizes = {"dp": 1, "tp": 1, "cp": 1}
     extra: dict = {}
     for part in text.split("x"):
-        m = re.fullmatch(r"(dp|tp|cp)(\d+)(\+sp)?(?::([a-z]+)(\d+)?)?(?::([a-z]+))?", part)
-        if not m or (m.group(3) and m.group(1) != "tp") or (m.group(4) and m.group(1) != "cp"):
+        m = re.fullmatch(r"(dp|tp|cp)(\d+)(\+sp)?(\+vp|\+wv)?(?::([a-z]+)(\d+)?)?(?::([a-z]+))?", part)
+        if not m or ((m.group(3) or m.group(4)) and m.group(1) != "tp") or (m.group(5) and m.group(1) != "cp"):
             raise ConfigError(f"layout {name!r}: cannot read {part!r}; write e.g. single, native-tp2, tp2, tp2+sp, "
-                              "dp2xtp2, cp2:ring, cp2:ulysses:contiguous, cp4:hybrid2 (axes dp<N>, tp<N>[+sp], "
-                              f"cp<N>[:impl[:layout]] joined by 'x'; impl one of {', '.join(CP_IMPLS)})")
+                              "tp2+wv, dp2xtp2, cp2:ring, cp2:ulysses:contiguous, cp4:hybrid2 (axes dp<N>, "
+                              "tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]] joined by 'x'; impl one of "
+                              f"{', '.join(CP_IMPLS)})")
         axis, size = m.group(1), int(m.group(2))
         sizes[axis] = size
         if m.group(3):
             extra["sequence_parallel"] = True
         if m.group(4):
-            extra["cp_impl"] = m.group(4)
-            if m.group(5):
-                extra["ulysses_size"] = int(m.group(5))
-        if m.group(6):
-            extra["cp_layout"] = m.group(6)
+            extra["vocab_parallel"] = "on" if m.group(4) == "+vp" else "off"
+        if m.group(5):
+            extra["cp_impl"] = m.group(5)
+            if m.group(6):
+                extra["ulysses_size"] = int(m.group(6))
+        if m.group(7):
+            extra["cp_layout"] = m.group(7)
     return Layout("meshattn", ParallelConfig(**sizes, **extra), checkpoint or "none")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -59,7 +60,8 @@ def summarize(layout: Layout, seq_len: int, batch_size: int, rows: list[dict]) -
 
 def add_comparisons(results: list[dict]) -> None:
     """vs_single and loss_delta against the single-process row of the same sequence length;
-    vs_native for meshattn tp-only rows against PyTorch-native TP of the same size."""
+    vs_native for meshattn tp-only rows (either vocabulary plan, no sequence parallelism, no
+    activation checkpointing) against PyTorch-native TP of the same size."""
     by_seq: dict[int, dict[str, dict]] = {}
     for r in results:
         if "skipped" not in r:
@@ -70,7 +72,8 @@ def add_comparisons(results: list[dict]) -> None:
             if single is not None:
                 r["vs_single"] = r["step_ms"] / single["step_ms"]
                 r["loss_delta"] = abs(r["first_loss"] - single["first_loss"])
-            native = rows.get(f"native-{r['layout']}") if r["kind"] == "meshattn" else None
+            plain = re.sub(r"\+(vp|wv)$", "", r["layout"])
+            native = rows.get(f"native-{plain}") if r["kind"] == "meshattn" else None
             if native is not None:
                 r["vs_native"] = r["step_ms"] / native["step_ms"]
 

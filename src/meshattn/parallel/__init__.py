@@ -66,7 +66,8 @@ def mesh_axes(mesh: DeviceMesh, n_kv_heads: int, counter: CommCounter | None = N
 
 
 class ParallelModel(nn.Module):
-    """The parallel model: forward(ids, targets) -> (vocab-sharded logits, loss).
+    """The parallel model: forward(ids, targets) -> (logits, vocab-sharded unless the vocabulary is
+    whole on every tp rank (ParallelConfig.splits_vocab), loss).
 
     `ids` and `targets` are this rank's part of the global batch: its dp rows and its cp chunks of
     the sequence (see `shard_batch`). Averaged over dp x cp, the loss is the global mean, and the
@@ -114,7 +115,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig,
         split = SequenceSplit(group, cfg.cp_impl, cfg.cp_layout, cfg.overlap)
     ref = next(model.parameters())
     inner = TensorParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch,
-                                      cfg.overlap)
+                                      cfg.overlap, cfg.splits_vocab(model.cfg))
     inner.to(device=ref.device, dtype=ref.dtype)
     shards = collect_shards(inner)
     check_shards(inner, shards)

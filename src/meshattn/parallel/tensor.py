@@ -6,9 +6,11 @@ column-parallel, so each rank owns whole heads and whole hidden columns; the att
 projection and the MLP's second matmul are row-parallel and leave the region through one
 all-reduce (or a reduce-scatter to sequence shards). Backward mirrors each collective.
 
-The vocabulary is split too: the embedding looks up only its own rows (others give zeros, summed
-by the exit collective) and the LM head produces vocab-sharded logits whose cross-entropy is
-computed with three all-reduces of (tokens,) vectors, never gathering (B, S, V).
+The vocabulary is split too (ParallelConfig.splits_vocab): the embedding looks up only its own
+rows (others give zeros, summed by the exit collective) and the LM head produces vocab-sharded
+logits whose cross-entropy is computed with three all-reduces of (tokens,) vectors, never
+gathering (B, S, V). A small vocabulary is instead kept whole on every tp rank, like a norm: no
+collective at either end, the full logits computed on every rank.
 """
 
 from __future__ import annotations
@@ -234,25 +236,30 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class VocabParallelEmbedding(ShardedModule):
-    """Rows [r*V/tp, (r+1)*V/tp) of the token embedding; learned positions replicated."""
+    """Rows [r*V/tp, (r+1)*V/tp) of the token embedding (split=True), or all of them on every tp
+    rank (split=False: replicated, like a norm); learned positions replicated."""
 
-    def __init__(self, cfg: ModelConfig, region: Region):
+    def __init__(self, cfg: ModelConfig, region: Region, split: bool = True):
         super().__init__()
-        tp = region.axis.size
-        self.region = region
-        self.vocab_start = region.axis.rank * (cfg.vocab_size // tp)
+        tp = region.axis.size if split else 1
+        self.region, self.split = region, split and region.axis.size > 1
+        self.vocab_start = region.axis.rank * (cfg.vocab_size // tp) if self.split else 0
         self.vocab_end = self.vocab_start + cfg.vocab_size // tp
         self.vocab_size = cfg.vocab_size
-        self.declare("weight", Shard("tok_emb.weight", (cfg.vocab_size, cfg.d_model), 0, tp))
+        self.declare("weight", Shard("tok_emb.weight", (cfg.vocab_size, cfg.d_model), 0, tp) if self.split
+                     else Shard("tok_emb.weight", (cfg.vocab_size, cfg.d_model)))
         learned = cfg.position == "learned"
         self.declare("pos_weight", Shard("pos_emb.weight", (cfg.max_seq_len, cfg.d_model)) if learned else None)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         check_token_ids(ids, self.vocab_size)  # out-of-range ids would embed as zeros, silently
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, S)
-        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
-        x = self.region.exit(x)  # (B, S/tp | S, h)
+        if self.split:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, S)
+            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+            x = F.embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (B, S, h) partial
+            x = self.region.exit(x)  # (B, S/tp | S, h)
+        else:  # never with sequence parallelism (see ParallelConfig)
+            x = F.embedding(ids, self.weight)  # (B, S, h), the same on every tp rank
         if self.pos_weight is not None:
             # Only rows up to the largest position are used, so only they need a gradient sum.
             table = self.region.replicated(self.pos_weight[: int(positions.max()) + 1])  # (S, h)
@@ -261,15 +268,19 @@ class VocabParallelEmbedding(ShardedModule):
 
 
 class VocabParallelHead(ShardedModule):
-    """LM head rows [r*V/tp, (r+1)*V/tp): vocab-sharded logits."""
+    """LM head rows [r*V/tp, (r+1)*V/tp): vocab-sharded logits (split=True); or the whole head on
+    every tp rank: all V logits, no collective (split=False)."""
 
-    def __init__(self, cfg: ModelConfig, region: Region):
+    def __init__(self, cfg: ModelConfig, region: Region, split: bool = True):
         super().__init__()
-        self.region = region
-        self.declare("weight", Shard("head.weight", (cfg.vocab_size, cfg.d_model), 0, region.axis.size))
+        self.region, self.split = region, split and region.axis.size > 1
+        self.declare("weight", Shard("head.weight", (cfg.vocab_size, cfg.d_model), 0, region.axis.size)
+                     if self.split else Shard("head.weight", (cfg.vocab_size, cfg.d_model)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S/tp | S, h) -> (B, S, V/tp)
-        return self.region.column_linear(x, self.weight, None)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S/tp | S, h) -> (B, S, V/tp | V)
+        if self.split:
+            return self.region.column_linear(x, self.weight, None)
+        return F.linear(x, self.weight)  # x is replicated over tp: so are the logits and every gradient
 
 
 IGNORE_INDEX = -100  # as in F.cross_entropy: targets equal to it do not count
@@ -317,7 +328,8 @@ class _VocabParallelCrossEntropy(Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                  axis: Axis, batch_axis: Axis | None = None) -> torch.Tensor:
-    """logits (B, S, V/tp), targets (B, S) -> this rank's loss, replicated over tp.
+    """logits (B, S, V/tp), targets (B, S) -> this rank's loss, replicated over tp. (With a size-1
+    axis and vocab_start 0: the loss of whole-vocabulary logits (B, S, V), without communication.)
 
     Without batch_axis: the mean over this rank's non-ignored tokens. With a batch axis (the
     ranks that hold different tokens: dp x cp) of size n: the sum over this rank's tokens times
@@ -339,21 +351,26 @@ class TensorParallelTransformer(nn.Module):
     with `parallel.shard.load_full_state_dict` (parallelize does)."""
 
     def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False,
-                 split=None, batch_axis: Axis | None = None, overlap: bool = True):
+                 split=None, batch_axis: Axis | None = None, overlap: bool = True, vocab_parallel: bool = True):
         super().__init__()
         self.cfg, self.tp_axis, self.split, self.batch_axis = cfg, tp_axis, split, batch_axis
         self.region = Region(tp_axis, sequence_parallel, overlap)
-        self.tok_emb = VocabParallelEmbedding(cfg, self.region)
+        if self.region.sp and not vocab_parallel:
+            raise ValueError("a whole (replicated) vocabulary needs the activations replicated over tp; "
+                             "use vocab_parallel=True with sequence parallelism")
+        self.vocab_parallel = vocab_parallel and tp_axis.size > 1
+        self.tok_emb = VocabParallelEmbedding(cfg, self.region, vocab_parallel)
         self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis, split)
                                     for i in range(cfg.n_layers))
         self.norm = ParallelNorm(cfg, "norm", self.region)
-        self.head = VocabParallelHead(cfg, self.region)
+        self.head = VocabParallelHead(cfg, self.region, vocab_parallel)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """ids (B, S/cp): this rank's chunks -> vocab-sharded logits (B, S/cp, V/tp) and the loss
-        (see vocab_parallel_cross_entropy: its average over dp x cp is the global mean)."""
+        """ids (B, S/cp): this rank's chunks -> logits (B, S/cp, V/tp), or (B, S/cp, V) when the
+        vocabulary is whole, and the loss (see vocab_parallel_cross_entropy: its average over
+        dp x cp is the global mean)."""
         S = ids.shape[1]
         positions = torch.arange(S, device=ids.device) if self.split is None else self.split.positions(S, ids.device)
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
@@ -365,6 +382,7 @@ class TensorParallelTransformer(nn.Module):
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp)
         loss = None
         if targets is not None:
-            loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, self.tp_axis,
+            vocab_axis = self.tp_axis if self.vocab_parallel else Axis.single(self.tp_axis.name)
+            loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, vocab_axis,
                                                 self.batch_axis)
         return logits, loss
