@@ -105,7 +105,7 @@ def test_bench_command_end_to_end(tmp_path):
                      "native-tp2", "tp2", "tp2+vp", "cp2:ring", "--warmup", "1", "--steps", "1", "--out",
                      str(tmp_path)])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "meshattn tp2 / PyTorch-native tp2 (DTensor) fwd+bwd step time" in res.stdout
+    assert "meshattn tp2 / PyTorch native-tp2 (DTensor) fwd+bwd step time" in res.stdout
     assert "meshattn bench: 100%" in res.stderr  # the progress bar ran to the end
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(r["seq_len"], r["layout"]) for r in results] == [

@@ -43,7 +43,7 @@ def table(results: list[dict]) -> str:
 
 
 def native_ratios(results: list[dict]) -> list[str]:
-    return [f"S={r['seq_len']}: meshattn {r['layout']} / PyTorch-native {r['layout']} (DTensor) fwd+bwd step time = "
+    return [f"S={r['seq_len']}: meshattn {r['layout']} / PyTorch {r['native']} (DTensor) fwd+bwd step time = "
             f"{r['vs_native']:.2f}" + (" (rounds: " + ", ".join(f"{v:.2f}" for v in r["vs_native_rounds"]) + ")"
                                        if "vs_native_rounds" in r else "")
             for r in results if "vs_native" in r]

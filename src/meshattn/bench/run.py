@@ -75,7 +75,7 @@ def add_comparisons(results: list[dict]) -> None:
             plain = re.sub(r"\+(vp|wv)$", "", r["layout"])
             native = rows.get(f"native-{plain}") if r["kind"] == "meshattn" else None
             if native is not None:
-                r["vs_native"] = r["step_ms"] / native["step_ms"]
+                r["vs_native"], r["native"] = r["step_ms"] / native["step_ms"], native["layout"]
 
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
