@@ -182,7 +182,9 @@ def test_comm_bytes_match_analytic(pools, tp, sp, vocab, model):
     assert fwd_activation_bytes == (2 * cfg.n_layers + split) * act * (2 if sp else 1)
     bwd_kinds = ["tp/all_gather/bwd", "tp/reduce_scatter/bwd"] if sp else ["tp/all_reduce/bwd"]
     bwd_activation_bytes = sum(measured[0][k][1] for k in bwd_kinds)
-    assert bwd_activation_bytes == (2 * cfg.n_layers + split) * act * (2 if sp else 1)
+    # Under sequence parallelism each entry saved only its shard and gathers it again in backward:
+    # per region an all-gather (the exit's mirror), a re-gather and a reduce-scatter.
+    assert bwd_activation_bytes == (2 * cfg.n_layers + split) * act * (3 if sp else 1)
     # Replicated KV heads: per layer, the K and V weight (+ bias) slices of one KV head, summed
     # over the tp/G ranks that hold it.
     if cfg.n_kv_heads < tp:
@@ -190,3 +192,34 @@ def test_comm_bytes_match_analytic(pools, tp, sp, vocab, model):
         assert measured[0]["kv/all_reduce/bwd"][1] == cfg.n_layers * per_layer
     else:
         assert "kv/all_reduce/bwd" not in measured[0]
+
+
+def saved_shapes_under_sequence_parallelism(rank, world):
+    """Shapes of every tensor autograd saves in one forward of a tp=world + sp model."""
+    cfg = ModelConfig(**MODELS["gqa-llama"])
+    torch.manual_seed(0)
+    ids, targets = _batch(cfg)
+    par = ParallelConfig(tp=world, sequence_parallel=True)
+    pm = parallelize(Transformer(cfg), mesh_for(par), par)
+    params = {p.data_ptr() for p in pm.parameters()}
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = pm(ids, targets)[1]
+    loss.backward()
+    return shapes, cfg.d_model
+
+
+def test_sequence_parallel_entries_save_only_their_shard(pools):
+    """Megatron's re-gather: a column-parallel entry under sequence parallelism keeps its input
+    shard (B, S/tp, h) for the weight gradients and gathers it again in backward, so no gathered
+    (B, S, h) block input is saved (at tp=4 no other saved tensor has that shape: heads and MLP
+    columns are h/4 and F/4 wide)."""
+    shapes, h = pools.run(4, saved_shapes_under_sequence_parallelism)[0]
+    assert (B, S, h) not in shapes and (B * S, h) not in shapes, shapes  # F.linear saves its input as 2-D
+    assert (B, S // 4, h) in shapes

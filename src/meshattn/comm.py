@@ -128,6 +128,25 @@ def reduce_scatter_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> tor
     return out
 
 
+def all_gather_start(x: torch.Tensor, dim: int, axis: Axis, phase: str):
+    """Post an all-gather of x along `dim`; returns (work, finish): wait for the work, then
+    finish() gives the gathered tensor (x.shape with dim scaled by p)."""
+    x = x.contiguous()
+    flat = x.new_empty((axis.size * x.numel(),))  # p copies of x, flat, rank order
+    axis.record("all_gather", phase, flat)
+    work = _all_gather_single(flat, x.view(-1), group=axis.group, async_op=True)
+    return work, lambda: torch.cat(flat.view(axis.size, *x.shape).unbind(0), dim=dim)
+
+
+def reduce_scatter_start(x: torch.Tensor, dim: int, axis: Axis, phase: str):
+    """Post a reduce-scatter (sum) of x along `dim`; returns (work, out): out holds this rank's
+    reduced chunk once the work is waited for."""
+    chunks = torch.stack(x.chunk(axis.size, dim=dim))  # (p, *chunk): slot j is reduced onto rank j
+    out = x.new_empty(chunks.shape[1:])
+    axis.record("reduce_scatter", phase, chunks)
+    return _reduce_scatter_single(out.view(-1), chunks.view(-1), group=axis.group, async_op=True), out
+
+
 def _split(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
     return x.chunk(axis.size, dim=dim)[axis.rank].contiguous()
 

@@ -29,7 +29,8 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     Keys are "axis/kind/phase" as the CommCounter records them. Per block: the attention and
     the MLP each enter the tensor-parallel region once and leave it once, each a collective of
     B*S*h elements (all-reduce forward + identity, or all-gather / reduce-scatter with sequence
-    parallelism), mirrored in backward. A split vocabulary (par.splits_vocab) adds one exit for
+    parallelism), mirrored in backward, where under sequence parallelism each entry also
+    re-gathers its input. A split vocabulary (par.splits_vocab) adds one exit for
     the embedding and one entry for the LM head, and the loss all-reduces three (B*S,) vectors; a
     whole one adds nothing. Replicated KV heads (n_kv_heads < tp) sum their weight gradients over
     their replica group ("kv" axis).
@@ -44,7 +45,9 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     if par.sequence_parallel:
         out["tp/reduce_scatter/fwd"].add(regions, act, itemsize)
         out["tp/all_gather/fwd"].add(regions, act, itemsize)
-        out["tp/all_gather/bwd"].add(regions, act, itemsize)
+        # Backward: the exits' all-gathers, and each entry gathers its input again (only the
+        # shard was saved) before reduce-scattering the input gradient.
+        out["tp/all_gather/bwd"].add(2 * regions, act, itemsize)
         out["tp/reduce_scatter/bwd"].add(regions, act, itemsize)
         # Replicated parameters applied to sequence shards: their gradients are summed over tp.
         norm_params = 2 if (model.norm == "layernorm" and model.bias) else 1

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..comm import Axis, all_gather, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter
+from ..comm import (Axis, all_gather_start, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter,
+                    reduce_scatter_start)
 from ..config import ModelConfig
 from ..model import attend_split, attention_core, mlp_hidden, rotary_tables
 from ..norm import rms_norm
@@ -52,16 +53,16 @@ class Region:
         """Enter the region once and apply several column-parallel linears [(weight, bias), ...]
         that read the same input (Q, K, V; fc and gate): one output (B, S, out_i/tp) each.
 
-        Without sequence parallelism the entry is fused with the matmuls so that backward sums
-        their input gradients into one buffer and overlaps its all-reduce with the weight
-        gradients (Megatron's async all-reduce); no weight or output is concatenated."""
-        if self.axis.size > 1 and not self.sp:
-            weights = [w for w, _ in layers]
-            biases = [b for _, b in layers]
-            return _CopyLinears.apply(x, self.axis, self.overlap, len(layers), *weights, *biases)
-        if self.sp:
-            x = all_gather(x, 1, self.axis)  # (B, S, h) gathered
-        return tuple(F.linear(x, w, b) for w, b in layers)
+        The entry is fused with the matmuls (see _EnterLinears): backward sums their input
+        gradients into one buffer and overlaps its collective with the weight gradients
+        (Megatron's async all-reduce); no weight or output is concatenated. Under sequence
+        parallelism only this rank's shard of the input is kept for backward, which gathers it
+        again (Megatron's re-gather), so the full (B, S, h) input is never saved."""
+        if self.axis.size == 1:
+            return tuple(F.linear(x, w, b) for w, b in layers)
+        weights = [w for w, _ in layers]
+        biases = [b for _, b in layers]
+        return _EnterLinears.apply(x, self.axis, self.sp, self.overlap, len(layers), *weights, *biases)
 
     def replicated(self, p: torch.Tensor | None) -> torch.Tensor | None:
         return copy_to_group(p, self.axis) if (self.sp and p is not None) else p
@@ -71,42 +72,68 @@ class Region:
         return x.chunk(self.axis.size, dim=dim)[self.axis.rank] if self.sp else x
 
 
-class _CopyLinears(Function):
-    """y_i = x W_i^T + b_i with x replicated over tp (forward: no communication). Backward: the
-    input gradient x' = sum_i y_i' W_i is all-reduced over tp asynchronously while the W_i' =
-    y_i'^T x and b_i' are computed, then waited for: the bytes of copy_to_group, hidden behind
-    the weight gradients (overlap=False: waited for at once). Inputs: x, axis, overlap, n, then n
-    weights and n biases (None allowed)."""
+class _EnterLinears(Function):
+    """y_i = x W_i^T + b_i at the entry of the tensor-parallel region. Inputs: x, axis, gather,
+    overlap, n, then n weights and n biases (None allowed).
+
+    gather=False: x (B, S, h) is replicated over tp; forward moves nothing. Backward: the input
+    gradient x' = sum_i y_i' W_i (partial: this rank's heads/columns) is all-reduced
+    asynchronously while W_i' = y_i'^T x and b_i' are computed, then waited for.
+    gather=True (sequence parallelism): x (B, S/tp, h) is this rank's sequence shard; forward
+    all-gathers it and keeps only the shard. Backward re-gathers it (asynchronously, behind the
+    input-gradient matmuls), reduce-scatters x' to sequence shards (asynchronously, behind the
+    weight gradients). overlap=False waits for each collective at once.
+    """
 
     @staticmethod
-    def forward(ctx, x, axis, overlap, n, *params):
+    def forward(ctx, x, axis, gather, overlap, n, *params):
         weights, biases = list(params[:n]), list(params[n:])
-        if torch.is_autocast_enabled(x.device.type):  # save what the matmuls will use
+        if torch.is_autocast_enabled(x.device.type):  # save (and move) what the matmuls will use
             dt = torch.get_autocast_dtype(x.device.type)
             x, weights = x.to(dt), [w.to(dt) for w in weights]
             biases = [None if b is None else b.to(dt) for b in biases]
-        ctx.axis, ctx.overlap, ctx.n, ctx.has_bias = axis, overlap, n, [b is not None for b in biases]
-        ctx.save_for_backward(x, *weights)
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+        ctx.axis, ctx.gather, ctx.overlap, ctx.n = axis, gather, overlap, n
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights)  # x: the shard under sequence parallelism
+        full = x  # (B, S, h)
+        if gather:
+            work, finish = all_gather_start(x, 1, axis, "fwd")
+            work.wait()
+            full = finish()
+        return tuple(F.linear(full, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])  # (N, h)
-        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, out_i) each
+        axis, wait_now = ctx.axis, not ctx.overlap
+        if ctx.gather:
+            gathering, finish_gather = all_gather_start(x, 1, axis, "bwd")
+            if wait_now:
+                gathering.wait()
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, out_i) each, N = B*S
         grad_x = g2[0] @ weights[0]  # (N, h), partial: this rank's heads/columns only
         for g, w in zip(g2[1:], weights[1:]):
             grad_x.addmm_(g, w)
-        grad_x = grad_x.view(x.shape)
-        ctx.axis.record("all_reduce", "bwd", grad_x)
-        work = torch.distributed.all_reduce(grad_x, group=ctx.axis.group, async_op=True)
-        if not ctx.overlap:
+        B, h = x.shape[0], x.shape[-1]
+        grad_x = grad_x.view(B, -1, h)  # (B, S, h)
+        if ctx.gather:
+            work, grad_in = reduce_scatter_start(grad_x, 1, axis, "bwd")  # -> (B, S/tp, h)
+            if not wait_now:
+                gathering.wait()
+            full = finish_gather()  # (B, S, h)
+        else:
+            grad_in, full = grad_x, x
+            axis.record("all_reduce", "bwd", grad_in)
+            work = torch.distributed.all_reduce(grad_in, group=axis.group, async_op=True)
+        if wait_now:
             work.wait()
-        need = ctx.needs_input_grad
-        grad_w = [g.t() @ x2 if need[4 + i] else None for i, g in enumerate(g2)]  # (out_i, h)
-        grad_b = [g.sum(0) if ctx.has_bias[i] and need[4 + ctx.n + i] else None for i, g in enumerate(g2)]
-        work.wait()
-        return (grad_x, None, None, None, *grad_w, *grad_b)
+        need, n = ctx.needs_input_grad, ctx.n
+        x2 = full.reshape(-1, h)  # (N, h)
+        grad_w = [g.t() @ x2 if need[5 + i] else None for i, g in enumerate(g2)]  # (out_i, h)
+        grad_b = [g.sum(0) if ctx.has_bias[i] and need[5 + n + i] else None for i, g in enumerate(g2)]
+        if not wait_now:
+            work.wait()
+        return (grad_in.view(x.shape), None, None, None, None, *grad_w, *grad_b)
 
 
 class ShardedModule(nn.Module):
@@ -379,7 +406,7 @@ class TensorParallelTransformer(nn.Module):
             rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, rope)
-        logits = self.head(self.norm(x))  # (B, S/cp, V/tp)
+        logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)
         loss = None
         if targets is not None:
             vocab_axis = self.tp_axis if self.vocab_parallel else Axis.single(self.tp_axis.name)
