@@ -7,7 +7,7 @@ A layout name is either a peer or a meshattn mesh:
     tp2                 meshattn tensor parallelism; "tp2+sp" adds sequence parallelism; "+vp"
                         splits the vocabulary over tp, "+wv" keeps it whole (default: decided
                         from the sizes, ParallelConfig.splits_vocab)
-    dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp], cp<N>[:impl[:layout]]
+    dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]]
     cp2:ring            context parallelism: impl ring | ulysses | allgather | hybrid<U>
     cp4:hybrid2:zigzag  (U = the Ulysses group size), layout zigzag (default) | contiguous
     tp2@block           any meshattn layout with activation checkpointing: @attention or @block
