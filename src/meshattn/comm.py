@@ -113,18 +113,14 @@ def all_reduce_(t: torch.Tensor, axis: Axis, phase: str, op=dist.ReduceOp.SUM) -
 
 
 def all_gather_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
-    x = x.contiguous()
-    out = x.new_empty((axis.size * x.numel(),))  # p copies of x, flat, rank order
-    axis.record("all_gather", phase, out)
-    _all_gather_single(out, x.view(-1), group=axis.group)
-    return torch.cat(out.view(axis.size, *x.shape).unbind(0), dim=dim)  # x.shape with dim scaled by p
+    work, finish = all_gather_start(x, dim, axis, phase)
+    work.wait()
+    return finish()
 
 
 def reduce_scatter_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
-    chunks = torch.stack(x.chunk(axis.size, dim=dim))  # (p, *chunk): slot j is reduced onto rank j
-    out = x.new_empty(chunks.shape[1:])
-    axis.record("reduce_scatter", phase, chunks)
-    _reduce_scatter_single(out.view(-1), chunks.view(-1), group=axis.group)
+    work, out = reduce_scatter_start(x, dim, axis, phase)
+    work.wait()
     return out
 
 

@@ -2,10 +2,10 @@
 
 On CPU, `F.rms_norm` runs as a composite of pow, mean, add, rsqrt and two multiplies, and its
 backward differentiates each of them: 14.0 ms forward+backward for a (2048, 512) fp32 input on
-one core here, against 4.7 ms for this function (benchmarks/norm.py; BENCHMARKS.md). Forward makes one reduction
-pass for the inverse RMS and two elementwise passes; backward one elementwise pass, one
-reduction, one fused multiply-add and one matrix-vector product for the weight gradient. Only x
-and the (N,) inverse RMS are saved.
+one core here, against 4.7 ms for this function (benchmarks/norm.py; BENCHMARKS.md). Forward
+makes one reduction pass for the inverse RMS and two elementwise passes; backward one
+elementwise pass, one reduction, one fused multiply-add and one matrix-vector product for the
+weight gradient. Only x and the (N,) inverse RMS are saved.
 
 Math, per row x of width h, with r = rsqrt(mean(x^2) + eps) and g the output gradient:
     y      = x * r * w

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from ..comm import (Axis, all_gather_start, all_reduce_, copy_to_group, reduce_from_group, reduce_scatter,
-                    reduce_scatter_start)
+from ..comm import (Axis, all_gather_raw, all_gather_start, all_reduce_, copy_to_group, reduce_from_group,
+                    reduce_scatter, reduce_scatter_start)
 from ..config import ModelConfig
 from ..model import attend_split, attention_core, mlp_hidden, rotary_tables
 from ..norm import rms_norm
@@ -95,11 +95,7 @@ class _EnterLinears(Function):
         ctx.axis, ctx.gather, ctx.overlap, ctx.n = axis, gather, overlap, n
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, *weights)  # x: the shard under sequence parallelism
-        full = x  # (B, S, h)
-        if gather:
-            work, finish = all_gather_start(x, 1, axis, "fwd")
-            work.wait()
-            full = finish()
+        full = all_gather_raw(x, 1, axis, "fwd") if gather else x  # (B, S, h)
         return tuple(F.linear(full, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
