@@ -142,3 +142,9 @@ def test_bench_refuses_bad_layouts_before_launching(tmp_path):
     res = _meshattn(["bench", "--preset", "tiny", "--layouts", "tp8", "--out", str(tmp_path)], timeout=60)
     assert res.returncode == 2 and "meshattn: error:" in res.stderr and "tp=8" in res.stderr, res.stderr
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("name,peer", [("tp2", "native-tp2"), ("tp4+wv", "native-tp4"), ("tp2+vp", "native-tp2"),
+                                       ("tp2+sp", None), ("tp2@block", None), ("dp2xtp2", None), ("native-tp2", None)])
+def test_native_peer_of_a_layout(name, peer):
+    assert parse_layout(name).native_peer == peer

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DTYPE_NAMES, PRESETS, ConfigError, ParallelConfig, TrainConfig, preset
+from .config import DTYPE_NAMES, PRESETS, VOCAB_PARALLEL, ConfigError, ParallelConfig, TrainConfig, preset
 
 
 def _train_parser(sub) -> None:
@@ -25,7 +25,7 @@ def _train_parser(sub) -> None:
                    help="which sequence chunks each cp rank holds (zigzag balances causal work)")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --cp-impl hybrid")
     p.add_argument("--sp", action="store_true", help="Megatron sequence parallelism for norms/residuals")
-    p.add_argument("--vocab-parallel", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--vocab-parallel", default="auto", choices=list(VOCAB_PARALLEL),
                    help="split the embedding and LM head over tp (on), keep them whole on every tp rank (off), or "
                         "keep them whole only for a vocabulary of at most 4 x d_model (auto)")
     p.add_argument("--node-size", type=int, default=None,

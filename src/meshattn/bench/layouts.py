@@ -56,6 +56,15 @@ class Layout:
         name = "x".join(parts) or "dp1"
         return name if self.checkpoint == "none" else f"{name}@{self.checkpoint}"
 
+    @property
+    def native_peer(self) -> str | None:
+        """The PyTorch-native layout this one is compared with: plain tensor parallelism (either
+        vocabulary plan, no sequence parallelism, no checkpointing) against native-tpN."""
+        p = self.parallel
+        if self.kind != "meshattn" or p.dp > 1 or p.cp > 1 or p.tp == 1 or p.sequence_parallel:
+            return None
+        return Layout("native", ParallelConfig(tp=p.tp)).name if self.checkpoint == "none" else None
+
 
 def parse_layout(name: str) -> Layout:
     """'dp2xtp2', 'cp4:hybrid2', 'native-tp2', 'single' -> Layout (ConfigError naming the grammar)."""

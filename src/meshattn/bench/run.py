@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from ..config import ConfigError, ModelConfig
 from ..launch import launch
 from ..parallel.layout import causal_work, imbalance
-from .layouts import Layout, check_layout, layout_to_dict
+from .layouts import Layout, check_layout, layout_to_dict, parse_layout
 
 
 def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float) -> list:
@@ -60,8 +59,7 @@ def summarize(layout: Layout, seq_len: int, batch_size: int, rows: list[dict]) -
 
 def add_comparisons(results: list[dict]) -> None:
     """vs_single and loss_delta against the single-process row of the same sequence length;
-    vs_native for meshattn tp-only rows (either vocabulary plan, no sequence parallelism, no
-    activation checkpointing) against PyTorch-native TP of the same size."""
+    vs_native for meshattn rows against their PyTorch-native peer (Layout.native_peer)."""
     by_seq: dict[int, dict[str, dict]] = {}
     for r in results:
         if "skipped" not in r:
@@ -72,8 +70,8 @@ def add_comparisons(results: list[dict]) -> None:
             if single is not None:
                 r["vs_single"] = r["step_ms"] / single["step_ms"]
                 r["loss_delta"] = abs(r["first_loss"] - single["first_loss"])
-            plain = re.sub(r"\+(vp|wv)$", "", r["layout"])
-            native = rows.get(f"native-{plain}") if r["kind"] == "meshattn" else None
+            peer = parse_layout(r["layout"]).native_peer
+            native = rows.get(peer) if peer else None
             if native is not None:
                 r["vs_native"], r["native"] = r["step_ms"] / native["step_ms"], native["layout"]
 

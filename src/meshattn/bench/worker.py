@@ -121,7 +121,6 @@ def measure(layout_dict: dict, cfg_dict: dict, warmup: int, steps: int, out: str
         Path(out).write_text(json.dumps(rows))
 
 
-
 STEP_EVENT = "meshattn.step"
 
 
