@@ -35,8 +35,8 @@ from meshattn import context_attention, context_group, shard_sequence  # noqa: E
 from meshattn.comm import Axis  # noqa: E402
 from meshattn.config import ParallelConfig  # noqa: E402
 from meshattn.launch import launch  # noqa: E402
-from meshattn.memory import PeakMemory, tensor_bytes  # noqa: E402
-from meshattn.mesh import build_mesh  # noqa: E402
+from meshattn.bench.memory import PeakMemory, tensor_bytes  # noqa: E402
+from meshattn.mesh import ParallelDims  # noqa: E402
 
 
 def _inputs(B, H, G, S, D, dtype, seed=0):
@@ -82,7 +82,7 @@ def _cp_group(impl: str, ulysses_size: int | None):
     """(group for context_attention, the plain cp axis for sharding) over all ranks."""
     p = dist.get_world_size()
     if impl == "hybrid":
-        group = context_group(build_mesh(ParallelConfig(cp=p, cp_impl="hybrid", ulysses_size=ulysses_size)), "cp",
+        group = context_group(ParallelDims(ParallelConfig(cp=p, cp_impl="hybrid", ulysses_size=ulysses_size)).mesh, "cp",
                               ulysses_size)
         return group, group.axis
     axis = Axis("cp", dist.group.WORLD, p, dist.get_rank())

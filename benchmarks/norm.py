@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from meshattn.norm import rms_norm
+from meshattn.model.norm import rms_norm
 
 
 def _time(fn, iters: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     g = torch.randn(a.tokens, a.d_model)
     variants = {
         "F.rms_norm": lambda: F.rms_norm(x, (a.d_model,), w, 1e-5).backward(g),
-        "meshattn.norm.rms_norm": lambda: rms_norm(x, w, 1e-5).backward(g),
+        "meshattn.model.norm.rms_norm": lambda: rms_norm(x, w, 1e-5).backward(g),
     }
     for fn in variants.values():  # warm-up
         fn()
@@ -50,7 +50,7 @@ def main() -> None:
         t = {k: _time(fn, a.iters) for k, fn in variants.items()}
         for k, v in t.items():
             medians[k].append(v)
-        ratios.append(t["meshattn.norm.rms_norm"] / t["F.rms_norm"])
+        ratios.append(t["meshattn.model.norm.rms_norm"] / t["F.rms_norm"])
     print(f"RMSNorm forward+backward, ({a.tokens}, {a.d_model}) fp32, 1 thread, {a.rounds} rounds x {a.iters} calls")
     for k, v in medians.items():
         print(f"  {k:24s} {statistics.median(v) * 1e3:7.2f} ms (median of round medians)")

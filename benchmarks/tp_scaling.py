@@ -24,20 +24,19 @@ import torch
 import torch.distributed as dist
 
 from meshattn import CommCounter, ParallelConfig, TrainConfig, preset
-from meshattn.corpus import Corpus
+from meshattn.training.corpus import Corpus
 from meshattn.launch import launch
-from meshattn.memory import PeakMemory, SavedActivations, optimizer_state_bytes, tensor_bytes
-from meshattn.mesh import build_mesh
+from meshattn.bench.memory import PeakMemory, SavedActivations, optimizer_state_bytes, tensor_bytes
+from meshattn.mesh import ParallelDims
 from meshattn.planner import tensor_parallel_comm
-from meshattn.train import build_model, make_optimizer, train_step
+from meshattn.training.step import build_model, make_optimizer, train_step
 
 
 def worker(cfg_dict: dict, warmup: int, out: str) -> None:
     cfg = TrainConfig.from_dict(cfg_dict)
-    mesh = build_mesh(cfg.parallel)
     counter = CommCounter()
     corpus = Corpus.from_path(None, max_bytes=1 << 22)
-    model = build_model(cfg, mesh, counter)
+    model = build_model(cfg, ParallelDims(cfg.parallel), counter)
     opt = make_optimizer(model, cfg)
     for step in range(warmup):
         train_step(model, opt, corpus, step, cfg)

@@ -115,14 +115,20 @@ class Pools:
 
 # -- helpers for code running inside the workers ---------------------------------------------
 
-_MESHES: dict = {}
+_DIMS: dict = {}
 
 
 def mesh_for(par):
-    """A cached DeviceMesh per layout: creating groups is slow and they are reusable."""
-    from meshattn.mesh import build_mesh
+    """ParallelDims for a layout, cached per group structure: creating groups is slow and they
+    are reusable. Configs that differ only in how the groups are used (overlap, vocabulary,
+    impl, layout) share the groups under their own config."""
+    import copy
 
-    key = (par.dp, par.cp, par.tp)
-    if key not in _MESHES:
-        _MESHES[key] = build_mesh(par)
-    return _MESHES[key]
+    from meshattn.mesh import ParallelDims
+
+    key = (par.dp, par.cp, par.tp, par.node_size, par.ulysses_size if par.cp_impl == "hybrid" else None)
+    if key not in _DIMS:
+        _DIMS[key] = ParallelDims(par)
+    dims = copy.copy(_DIMS[key])
+    dims.cfg = par
+    return dims

@@ -17,7 +17,7 @@ from meshattn.bench import default_layouts, parse_layout
 from meshattn.bench.native import _per_rank_rows, native_tensor_parallel
 from meshattn.bench.timeline import analyse, balance, intersect, union
 from meshattn.config import ConfigError
-from meshattn.mesh import build_mesh
+from meshattn.mesh import ParallelDims
 from meshattn.planner import tensor_parallel_comm
 from parity import assert_close
 
@@ -64,7 +64,7 @@ def check_native_peer(rank, world):
     loss_ref = ref(ids, ids.roll(-1, 1))[1]
     loss_ref.backward()
     torch.manual_seed(0)
-    model = native_tensor_parallel(Transformer(cfg).double(), build_mesh(ParallelConfig(tp=world))["tp"])
+    model = native_tensor_parallel(Transformer(cfg).double(), ParallelDims(ParallelConfig(tp=world)).mesh["tp"])
     loss = model(ids, ids.roll(-1, 1))[1]
     loss.backward()
     assert_close(loss.detach(), loss_ref.detach(), "loss")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meshattn.attention import block_backward, block_forward, merge_
+from meshattn.model.attention import block_backward, block_forward, merge_
 from meshattn.parallel.blocks import chunk_attention, plan
 from parity import assert_close
 
@@ -104,7 +104,7 @@ def test_merge_of_finite_and_empty_blocks_and_large_gaps():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_math_kernel_tiles_match_sdpa(causal, monkeypatch):
-    import meshattn.attention as attention
+    import meshattn.model.attention as attention
 
     monkeypatch.setattr(attention, "MATH_TILE", 5)  # several ragged tiles
     q, k, v = (t.requires_grad_() for t in _qkv(S=23))

@@ -13,10 +13,10 @@ import torch
 
 from distributed import mesh_for
 from meshattn import ModelConfig, ParallelConfig, TrainConfig, Transformer
-from meshattn import checkpoint as ckpt
-from meshattn.corpus import Corpus
+from meshattn.training import checkpoint as ckpt
+from meshattn.training.corpus import Corpus
 from meshattn.parallel import gather_state_dict
-from meshattn.train import build_model, make_optimizer, train_step
+from meshattn.training.step import build_model, make_optimizer, train_step
 from parity import assert_close
 
 MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=256, max_seq_len=32,

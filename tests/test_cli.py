@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from meshattn import ModelConfig, TrainConfig, Transformer
-from meshattn.checkpoint import load_reference
+from meshattn.training.checkpoint import load_reference
 
 ROOT = Path(__file__).parents[1]
 SHORT = ["--steps", "6", "--batch-size", "4", "--seq-len", "64", "--sample-tokens", "16"]
@@ -72,11 +72,14 @@ def test_bad_layout_is_refused_before_launch(args, message):
     assert message in res.stderr
 
 
-def test_missing_data_path_fails_with_rank_named(tmp_path):
+def test_missing_data_path_is_refused_in_the_parent(tmp_path):
     res = _run([sys.executable, "-m", "meshattn", "train", *SHORT, "--data", str(tmp_path / "nope"),
                 "--out", str(tmp_path)])
-    assert res.returncode == 1
-    assert "no such file or folder" in res.stderr and re.search(r"rank \d failed first", res.stderr)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"meshattn: error: --data {tmp_path / 'nope'}: no such file or folder; "
+                                               "give a text file or a folder of .py, .txt, .md, .rst files, or "
+                                               "leave out --data for Python's standard library"]
+    assert "rank" not in res.stderr and "Traceback" not in res.stderr  # no worker started
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):

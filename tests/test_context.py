@@ -36,7 +36,7 @@ def _reference(q, k, v, dout, causal):
 
 def _group(impl, world, ulysses_size, counter=None):
     if impl == "hybrid":
-        return context_group(mesh_for(ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)),
+        return context_group(mesh_for(ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)).mesh,
                              "cp", ulysses_size, counter)
     return Axis("cp", dist.group.WORLD, world, dist.get_rank(), counter)
 
@@ -188,7 +188,7 @@ def test_bad_input_is_refused_on_every_rank_before_communicating(pools):
     assert msgs[0] == msgs[1] and set(msgs[0]) == {"seq", "heads", "shape", "dtype", "mask", "hybrid", "impl"}
     m = msgs[0]
     assert "local sequence length 3 is not divisible by 2" in m["seq"] and "multiple of 4" in m["seq"]
-    assert "n_heads=3 is not divisible by 2; legal group sizes: 1, 3" in m["heads"]
+    assert "Ulysses splits 3 query and 3 KV heads over group size=2" in m["heads"] and "legal group size: 1, 3" in m["heads"]
     assert "must agree in batch, local sequence length and head dim" in m["shape"]
     assert "dtypes differ" in m["dtype"]
     assert "will not be approximated" in m["mask"]

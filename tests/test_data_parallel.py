@@ -10,10 +10,10 @@ import torch
 
 from distributed import mesh_for
 from meshattn import CommCounter, ModelConfig, ParallelConfig, TrainConfig, Transformer
-from meshattn.corpus import Corpus
+from meshattn.training.corpus import Corpus
 from meshattn.parallel import gather_state_dict, parallelize
-from meshattn.scaler import LossScaler
-from meshattn.train import DTYPES, build_model, lr_at, make_optimizer, train_step
+from meshattn.training.scaler import LossScaler
+from meshattn.training.step import DTYPES, build_model, lr_at, make_optimizer, train_step
 from parity import assert_close
 
 MODEL = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128, vocab_size=256, max_seq_len=64,
@@ -129,7 +129,7 @@ def accumulate(rank, world, dp, tp, grad_accum):
     ref(ids, targets)[1].backward()
     par = ParallelConfig(dp=dp, tp=tp)
     counter = CommCounter()
-    model = parallelize(ref, mesh_for(par), par, counter)
+    model = parallelize(ref, mesh_for(par), counter)
     local = ids.chunk(dp)[model.axes.dp.rank], targets.chunk(dp)[model.axes.dp.rank]
     for i, (x, y) in enumerate(zip(local[0].chunk(grad_accum), local[1].chunk(grad_accum))):
         with model.no_sync(skip=i < grad_accum - 1):
@@ -171,7 +171,7 @@ def hierarchical(rank, world, dp, tp, node_size):
     ref(ids[:, :-1], ids[:, 1:])[1].backward()
     par = ParallelConfig(dp=dp, tp=tp, node_size=node_size)
     counter = CommCounter()
-    model = parallelize(ref, mesh_for(par), par, counter)
+    model = parallelize(ref, mesh_for(par), counter)
     assert model.axes.hierarchy is not None
     model(*model.shard_batch(ids[:, :-1], ids[:, 1:]))[1].backward()
     grads = gather_state_dict(model, grads=True)

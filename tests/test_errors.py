@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from meshattn import ConfigError, ModelConfig, ParallelConfig, TrainConfig, Transformer
-from meshattn.mesh import build_mesh
+from meshattn.mesh import ParallelDims
 from meshattn.parallel import parallelize
 
 
@@ -15,12 +17,12 @@ def refuse_everywhere(rank, world):
     from distributed import mesh_for
 
     attempts = {
-        "world": lambda: build_mesh(ParallelConfig(dp=1, tp=2 * world)),
+        "world": lambda: ParallelDims(ParallelConfig(dp=1, tp=2 * world)),
         "heads": lambda: TrainConfig(parallel=ParallelConfig(tp=3)),
         "kv": lambda: parallelize(Transformer(ModelConfig(d_model=48, n_heads=6, n_kv_heads=3, vocab_size=64)),
-                                  mesh_for(ParallelConfig(tp=world)), ParallelConfig(tp=world)),
-        "vocab": lambda: parallelize(Transformer(ModelConfig(vocab_size=255)), mesh_for(ParallelConfig(tp=world)),
-                                     ParallelConfig(tp=world, vocab_parallel="on")),
+                                  mesh_for(ParallelConfig(tp=world))),
+        "vocab": lambda: parallelize(Transformer(ModelConfig(vocab_size=255)),
+                                     mesh_for(ParallelConfig(tp=world, vocab_parallel="on"))),
     }
     messages = {}
     for name, attempt in attempts.items():
@@ -46,6 +48,7 @@ def test_invalid_layouts_fail_identically_on_every_rank(pools):
     assert "vocab_size=255 is not divisible by tp=2" in msgs["vocab"] and "pad vocab_size to 256" in msgs["vocab"]
 
 
-def test_parallelize_checks_mesh_against_config():
+def test_parallelize_checks_the_model_before_touching_any_group():
+    # A stand-in for ParallelDims that has a config and no groups: the check must come first.
     with pytest.raises(ConfigError, match="n_heads=4 is not divisible by tp=3"):
-        parallelize(Transformer(ModelConfig()), mesh=None, cfg=ParallelConfig(tp=3))
+        parallelize(Transformer(ModelConfig()), SimpleNamespace(cfg=ParallelConfig(tp=3)))

@@ -1,6 +1,6 @@
 import torch
 
-from meshattn.memory import PeakMemory, SavedActivations, optimizer_state_bytes, tensor_bytes
+from meshattn.bench.memory import PeakMemory, SavedActivations, optimizer_state_bytes, tensor_bytes
 
 
 def test_saved_activations_counts_each_storage_once_and_skips_parameters():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meshattn import ModelConfig, Transformer
-from meshattn.model import apply_rotary, attention_core, rotary_tables
+from meshattn.model.transformer import apply_rotary, attention_core, rotary_tables
 
 
 def _naive_attention(q, k, v):
@@ -83,11 +83,13 @@ def test_tied_embeddings_share_one_tensor():
 
 
 def test_reference_model_never_imports_distributed():
-    source = (Path(__file__).parents[1] / "src/meshattn/model.py").read_text()
     imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
+    for path in (Path(__file__).parents[1] / "src/meshattn/model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(("." * node.level) + (node.module or ""))
     assert not any("distributed" in m for m in imported), imported
+    ours = {m for m in imported if m.startswith(".")}
+    assert ours <= {".transformer", "..config"}, ours  # the model package imports only config

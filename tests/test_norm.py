@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from meshattn.norm import rms_norm
+from meshattn.model.norm import rms_norm
 
 
 def test_gradcheck_float64():

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from distributed import mesh_for
 from meshattn import ModelConfig, ParallelConfig, Transformer
-from meshattn.memory import SavedActivations
+from meshattn.bench.memory import SavedActivations
 from meshattn.parallel import gather_state_dict, parallelize
-from meshattn.parallel.recompute import apply_checkpointing
 
 MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=64, max_seq_len=16,
                     norm="rmsnorm", position="rope", activation="swiglu")
@@ -22,7 +23,7 @@ def grads_and_saved(rank, world, par_kwargs):
     par = ParallelConfig(**par_kwargs)
     results = {}
     for mode in ("none", "attention", "block"):
-        model = apply_checkpointing(parallelize(ref, mesh_for(par), par), mode)
+        model = parallelize(ref, mesh_for(par), recompute=mode)
         x, y = model.shard_batch(ids[:, :-1], ids[:, 1:])
         with SavedActivations(model.parameters()) as saved:
             loss = model(x, y)[1]
@@ -53,4 +54,4 @@ def test_checkpointing_keeps_gradients_and_saves_less(pools, par):
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="checkpoint='everything' is unknown"):
-        apply_checkpointing(torch.nn.Module(), "everything")
+        parallelize(Transformer(MODEL), SimpleNamespace(cfg=ParallelConfig()), recompute="everything")

@@ -67,10 +67,10 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
 
     par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
                          ulysses_size=ulysses_size, overlap=overlap, vocab_parallel=vocab)
-    pm = parallelize(ref, mesh_for(par), par)
-    assert pm.tp_model.vocab_parallel == par.splits_vocab(cfg)
+    pm = parallelize(ref, mesh_for(par))
+    assert pm.local.vocab_parallel == par.splits_vocab(cfg)
     dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
-    par_in = _capture_block_input(pm.tp_model.blocks[0])
+    par_in = _capture_block_input(pm.local.blocks[0])
     rows = torch.arange(B).chunk(dp)[dp_axis.rank]
     logits, loss = pm(*pm.shard_batch(ids, targets))  # (B/dp, S/cp) tokens in, (B/dp, S/cp, V/tp | V) out
     loss.backward()
@@ -81,7 +81,7 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
             t = all_gather_raw(t, tp_dim, plain_tp, "fwd")
         return t if pm.split is None else pm.split.unshard(t, seq_dim)
 
-    vocab_dim = 2 if pm.tp_model.vocab_parallel else None
+    vocab_dim = 2 if pm.local.vocab_parallel else None
     assert_close(unshard(logits.detach(), 1, tp_dim=vocab_dim), ref_logits.detach()[rows], "logits")
     # Each rank's loss is weighted so that its mean over dp x cp is the global mean.
     mean_loss = loss.detach().reshape(1).clone()
@@ -136,8 +136,8 @@ def check_replica_sum_is_needed(rank, world):
     ids, targets = _batch(cfg)
     ref(ids, targets)[1].backward()
     par = ParallelConfig(tp=world)
-    pm = parallelize(ref, mesh_for(par), par)
-    for block in pm.tp_model.blocks:
+    pm = parallelize(ref, mesh_for(par))
+    for block in pm.local.blocks:
         block.attn.kv_axis = Axis.single("kv")  # drop the replica-group sum
     pm(ids, targets)[1].backward()
     grads = gather_state_dict(pm, grads=True)
@@ -156,7 +156,7 @@ def measure_comm(rank, world, tp, sp, model, vocab):
     ids, targets = _batch(cfg)
     par = ParallelConfig(tp=tp, sequence_parallel=sp, vocab_parallel=vocab)
     counter = CommCounter()
-    pm = parallelize(ref, mesh_for(par), par, counter)
+    pm = parallelize(ref, mesh_for(par), counter)
     pm(ids, targets)[1].backward()
     return {f"{a}/{k}/{p}": (counter.calls[(a, k, p)], b) for (a, k, p), b in counter.nbytes.items()}
 
@@ -200,7 +200,7 @@ def saved_shapes_under_sequence_parallelism(rank, world):
     torch.manual_seed(0)
     ids, targets = _batch(cfg)
     par = ParallelConfig(tp=world, sequence_parallel=True)
-    pm = parallelize(Transformer(cfg), mesh_for(par), par)
+    pm = parallelize(Transformer(cfg), mesh_for(par))
     params = {p.data_ptr() for p in pm.parameters()}
     shapes = []
 

@@ -10,12 +10,13 @@ import torch
 
 from distributed import mesh_for
 from meshattn import ConfigError, ModelConfig, ParallelConfig, TrainConfig, Transformer
-from meshattn import checkpoint as ckpt
-from meshattn.corpus import Corpus, decode, encode
+from meshattn.training import checkpoint as ckpt
+from meshattn.training.corpus import Corpus, decode, encode
 from meshattn.parallel import parallelize
-from meshattn.scaler import LossScaler
-from meshattn.train import (NonFiniteError, TrainResult, _nonfinite, build_model, check_same_config, generate,
-                            make_optimizer, train_step)
+from meshattn.training.scaler import LossScaler
+from meshattn.training.generate import generate
+from meshattn.training.loop import TrainResult, _nonfinite, check_same_config
+from meshattn.training.step import NonFiniteError, build_model, make_optimizer, train_step
 
 MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=256, max_seq_len=24,
                     norm="rmsnorm", position="rope", activation="swiglu", init_std=0.2)
@@ -33,7 +34,7 @@ def greedy(rank, world, tp, sp, cp=1, impl="ring"):
     torch.manual_seed(0)
     ref = Transformer(MODEL).double()
     par = ParallelConfig(dp=world // tp // cp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=impl)
-    model = parallelize(ref, mesh_for(par), par)
+    model = parallelize(ref, mesh_for(par))
     # 30 new tokens from a 5-byte prompt run past max_seq_len=24: the context window slides.
     got = generate(model, "def f", 30, temperature=0)
     assert got == _reference_greedy(ref, "def f", 30), (got, _reference_greedy(ref, "def f", 30))
@@ -51,7 +52,7 @@ def checkpoint(rank, world, out):
     torch.manual_seed(0)
     ref = Transformer(MODEL)
     cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(dp=2, tp=2), seq_len=16, batch_size=4, out=out)
-    model = parallelize(ref, mesh_for(cfg.parallel), cfg.parallel)
+    model = parallelize(ref, mesh_for(cfg.parallel))
     path = ckpt.save(model, make_optimizer(model, cfg), cfg, 3, Path(out))
     if rank == 0:
         saved, meta = ckpt.load_reference(Path(out))
@@ -93,9 +94,9 @@ def test_short_text_is_refused_before_training(tmp_path):
 
 def test_out_of_range_token_ids_are_refused():
     from meshattn.comm import Axis
-    from meshattn.parallel.tensor import TensorParallelTransformer
+    from meshattn.parallel.transformer import ParallelTransformer
 
-    model = TensorParallelTransformer(dataclasses.replace(MODEL, vocab_size=256), Axis.single("tp"), Axis.single("kv"))
+    model = ParallelTransformer(dataclasses.replace(MODEL, vocab_size=256), Axis.single("tp"), Axis.single("kv"))
     with pytest.raises(IndexError, match=r"token ids must lie in \[0, 256\); got \[0, 300\]"):
         model(torch.tensor([[0, 300]]))
 
@@ -111,7 +112,7 @@ def nan_on_one_rank(rank, world):
     opt = make_optimizer(model, cfg)
     train_step(model, opt, corpus, 0, cfg)  # a normal step first (optimizer state exists)
     before = [p.detach().clone() for p in model.parameters()]
-    victim_name, victim = [(n, p) for n, p in model.tp_model.named_parameters() if p.dim() == 2][2]
+    victim_name, victim = [(n, p) for n, p in model.local.named_parameters() if p.dim() == 2][2]
     hook = victim.register_hook(lambda g: torch.full_like(g, float("nan"))) if rank == 3 else None
     report: dict = {}
     loss, norm = train_step(model, opt, corpus, 1, cfg, report=report)

@@ -4,9 +4,10 @@ checked against the single-device reference."""
 from .comm import Axis, CommCounter
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, preset
 from .model import Transformer
-from .parallel.context import ContextGroup, context_attention, context_group
+from .mesh import ContextGroup, ParallelDims, context_group
+from .parallel.context import context_attention
 from .parallel.layout import shard_sequence, unshard_sequence
 
 __version__ = "0.1.0"
 __all__ = ["Axis", "CommCounter", "ConfigError", "ContextGroup", "ModelConfig", "ParallelConfig", "TrainConfig",
-           "Transformer", "context_attention", "context_group", "preset", "shard_sequence", "unshard_sequence"]
+           "ParallelDims", "Transformer", "context_attention", "context_group", "preset", "shard_sequence", "unshard_sequence"]

@@ -15,6 +15,7 @@ keyed by (axis, kind, phase). Phases: "fwd" and "bwd" for the model's forward an
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,11 @@ class Axis:
     def single(cls, name: str = "none") -> Axis:
         return cls(name, None, 1, 0, None)
 
+    def with_counter(self, counter: CommCounter | None) -> Axis:
+        """The same group counting into `counter` (None: traffic that is not the model's, such
+        as checkpoints and sampling)."""
+        return dataclasses.replace(self, counter=counter)
+
     def record(self, kind: str, phase: str, t: torch.Tensor) -> None:
         if self.counter is not None:
             self.counter.record(self.name, self.size, kind, phase, t.numel(), t.element_size())
@@ -104,12 +110,21 @@ class Axis:
 
 # -- raw collectives (not differentiable); each records itself ---------------------------------
 
-def all_reduce_(t: torch.Tensor, axis: Axis, phase: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce of a contiguous tensor."""
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_(t: torch.Tensor, axis: Axis, phase: str, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (op "sum" or "max") of a contiguous tensor."""
     if axis.size > 1:
         axis.record("all_reduce", phase, t)
-        dist.all_reduce(t, op=op, group=axis.group)
+        dist.all_reduce(t, op=_OPS[op], group=axis.group)
     return t
+
+
+def all_reduce_start(t: torch.Tensor, axis: Axis, phase: str):
+    """Post an in-place sum all-reduce of a contiguous tensor; returns the work to wait for."""
+    axis.record("all_reduce", phase, t)
+    return dist.all_reduce(t, group=axis.group, async_op=True)
 
 
 def all_gather_raw(x: torch.Tensor, dim: int, axis: Axis, phase: str) -> torch.Tensor:
@@ -143,6 +158,22 @@ def reduce_scatter_start(x: torch.Tensor, dim: int, axis: Axis, phase: str):
     return _reduce_scatter_single(out.view(-1), chunks.view(-1), group=axis.group, async_op=True), out
 
 
+def ring_shift_start(sends: list[torch.Tensor], recvs: list[torch.Tensor], tags: list[int], axis: Axis,
+                     phase: str) -> list:
+    """Post one ring hop: each sends[i] goes to the next rank of the axis while recvs[i] (same
+    shape) is filled from the previous one. Returns the works to wait for, each once.
+
+    One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the previous
+    rank are the same peer); gloo matches the tags."""
+    nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
+    prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
+    ops = []
+    for send, recv, tag in zip(sends, recvs, tags):
+        axis.record("send_recv", phase, send)
+        ops += [dist.P2POp(dist.isend, send, nxt, axis.group, tag), dist.P2POp(dist.irecv, recv, prv, axis.group, tag)]
+    return dist.batch_isend_irecv(ops)
+
+
 def _split(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
     return x.chunk(axis.size, dim=dim)[axis.rank].contiguous()
 
@@ -163,134 +194,76 @@ def _check_divisible(x: torch.Tensor, dim: int, axis: Axis, what: str) -> None:
 
 # -- differentiable collectives ----------------------------------------------------------------
 
-class _CopyToGroup(Function):
-    """Identity forward; all-reduce (sum) backward. Megatron's `f`: the input of a column-parallel
-    layer, whose every rank's gradient contribution must be summed."""
+class _Adjoint(Function):
+    """y = forward(x) in forward; dx = backward(dy) in backward. Every differentiable collective
+    below is this one shell with a collective and its adjoint; each function's docstring says
+    which pair it is."""
 
     @staticmethod
-    def forward(ctx, x, axis):
-        ctx.axis = axis
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_(grad.contiguous().clone(), ctx.axis, "bwd"), None
-
-
-class _ReduceFromGroup(Function):
-    """All-reduce (sum) forward; identity backward. Megatron's `g`: the partial sums of a
-    row-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, axis):
-        return all_reduce_(x.contiguous().clone(), axis, "fwd")
+    def forward(ctx, x, forward, backward):
+        ctx.backward_fn = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromGroup(Function):
-    """All-gather along `dim` forward; keep this rank's chunk (split) backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return all_gather_raw(x, dim, axis, "fwd")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, ctx.dim, ctx.axis), None, None
-
-
-class _ScatterToGroup(Function):
-    """Keep this rank's chunk along `dim` (split) forward; all-gather backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _split(x, dim, axis)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
-
-
-class _AllGather(Function):
-    """All-gather along `dim` forward; reduce-scatter backward. The entry of a sequence-parallel
-    region: each rank's full-size output gradient is partial and is summed into its chunk."""
-
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return all_gather_raw(x, dim, axis, "fwd")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
-
-
-class _ReduceScatter(Function):
-    """Reduce-scatter along `dim` forward; all-gather backward. The exit of a row-parallel layer
-    under sequence parallelism."""
-
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return reduce_scatter_raw(x, dim, axis, "fwd")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_raw(grad, ctx.dim, ctx.axis, "bwd"), None, None
-
-
-class _AllToAll(Function):
-    """All-to-all forward (split `scatter_dim`, concatenate received chunks along `gather_dim`);
-    the inverse all-to-all backward."""
-
-    @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, axis):
-        ctx.dims, ctx.axis = (scatter_dim, gather_dim), axis
-        return _all_to_all(x, scatter_dim, gather_dim, axis, "fwd")
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.axis, "bwd"), None, None, None
+        return ctx.backward_fn(grad), None, None
 
 
 def copy_to_group(x: torch.Tensor, axis: Axis) -> torch.Tensor:
-    return x if axis.size == 1 else _CopyToGroup.apply(x, axis)
+    """Identity forward; all-reduce (sum) backward. Megatron's `f`: the input of a column-parallel
+    layer, whose every rank's gradient contribution must be summed."""
+    if axis.size == 1:
+        return x
+    return _Adjoint.apply(x, lambda t: t.view_as(t), lambda g: all_reduce_(g.contiguous().clone(), axis, "bwd"))
 
 
 def reduce_from_group(x: torch.Tensor, axis: Axis) -> torch.Tensor:
-    return x if axis.size == 1 else _ReduceFromGroup.apply(x, axis)
+    """All-reduce (sum) forward; identity backward. Megatron's `g`: the partial sums of a
+    row-parallel layer."""
+    if axis.size == 1:
+        return x
+    return _Adjoint.apply(x, lambda t: all_reduce_(t.contiguous().clone(), axis, "fwd"), lambda g: g)
 
 
 def gather_from_group(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
-    return x if axis.size == 1 else _GatherFromGroup.apply(x, dim, axis)
+    """All-gather along `dim` forward; keep this rank's chunk (split) backward."""
+    if axis.size == 1:
+        return x
+    return _Adjoint.apply(x, lambda t: all_gather_raw(t, dim, axis, "fwd"), lambda g: _split(g, dim, axis))
 
 
 def scatter_to_group(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    """Keep this rank's chunk along `dim` (split) forward; all-gather backward."""
     if axis.size == 1:
         return x
     _check_divisible(x, dim, axis, "scatter_to_group")
-    return _ScatterToGroup.apply(x, dim, axis)
+    return _Adjoint.apply(x, lambda t: _split(t, dim, axis), lambda g: all_gather_raw(g, dim, axis, "bwd"))
 
 
 def all_gather(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
-    return x if axis.size == 1 else _AllGather.apply(x, dim, axis)
+    """All-gather along `dim` forward; reduce-scatter backward. The entry of a sequence-parallel
+    region: each rank's full-size output gradient is partial and is summed into its chunk."""
+    if axis.size == 1:
+        return x
+    return _Adjoint.apply(x, lambda t: all_gather_raw(t, dim, axis, "fwd"),
+                          lambda g: reduce_scatter_raw(g, dim, axis, "bwd"))
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:
+    """Reduce-scatter along `dim` forward; all-gather backward. The exit of a row-parallel layer
+    under sequence parallelism."""
     if axis.size == 1:
         return x
     _check_divisible(x, dim, axis, "reduce_scatter")
-    return _ReduceScatter.apply(x, dim, axis)
+    return _Adjoint.apply(x, lambda t: reduce_scatter_raw(t, dim, axis, "fwd"),
+                          lambda g: all_gather_raw(g, dim, axis, "bwd"))
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, axis: Axis) -> torch.Tensor:
+    """All-to-all forward (split `scatter_dim`, concatenate received chunks along `gather_dim`);
+    the inverse all-to-all backward."""
     if axis.size == 1:
         return x
     _check_divisible(x, scatter_dim, axis, "all_to_all")
-    return _AllToAll.apply(x, scatter_dim, gather_dim, axis)
+    return _Adjoint.apply(x, lambda t: _all_to_all(t, scatter_dim, gather_dim, axis, "fwd"),
+                          lambda g: _all_to_all(g, gather_dim, scatter_dim, axis, "bwd"))

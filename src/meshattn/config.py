@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 
 class ConfigError(ValueError):
@@ -25,14 +27,105 @@ def _legal(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-NORMS = ("layernorm", "rmsnorm")
-CP_IMPLS = ("allgather", "ring", "ulysses", "hybrid")
-CHECKPOINTS = ("none", "attention", "block")  # activation checkpointing: nothing, the attention core, whole blocks
-DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
-CP_LAYOUTS = ("contiguous", "zigzag")
-VOCAB_PARALLEL = ("auto", "on", "off")
-POSITIONS = ("rope", "learned")
-ACTIVATIONS = ("gelu", "swiglu")
+# -- Options: every name a user types is defined here once. The CLI's choices, the bench layout
+# grammar and every check read these definitions; a derived rule is a property of its option.
+
+class Option(str, Enum):
+    """A closed set of names. Configs store the plain string; `parse` is the one check."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value, field_name: str):
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"{field_name}={value!r} is unknown; choose one of {cls.names()}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _option(name: str, values: str, doc: str):
+    """An Option whose members are the space-separated `values` (member names: upper case)."""
+    cls = Option(name, [(v.upper(), v) for v in values.split()], module=__name__)
+    cls.__doc__ = doc
+    return cls
+
+
+Norm = _option("Norm", "layernorm rmsnorm", "The normalisation of every block and the final norm.")
+Position = _option("Position", "rope learned", "Rotary angles, or a learned position embedding.")
+Activation = _option("Activation", "gelu swiglu", "The MLP: fc -> gelu -> proj, or silu(gate) * fc -> proj.")
+Recompute = _option("Recompute", "none attention block",
+                    "Activation checkpointing: nothing, the attention core, or whole blocks (parallel/recompute.py).")
+VocabParallel = _option("VocabParallel", "auto on off",
+                        "Split the embedding and LM head over tp (on), keep them whole (off), or decide (auto).")
+OnNonfinite = _option("OnNonfinite", "stop skip", "A non-finite loss or gradient norm: stop the run, or skip the step.")
+
+
+class CpImpl(Option):
+    """How attention crosses the sequence split (parallel/context.py holds one function each)."""
+
+    ALLGATHER = "allgather"  # K/V all-gathered once
+    RING = "ring"  # K/V blocks passed around the ring, merged by log-sum-exp
+    ULYSSES = "ulysses"  # all-to-all to head shards and back
+    HYBRID = "hybrid"  # Ulysses inside groups of ulysses_size ranks, ring across them
+
+    @property
+    def splits_heads(self) -> bool:
+        """Whether the impl splits heads over a (Ulysses) group."""
+        return self in (CpImpl.ULYSSES, CpImpl.HYBRID)
+
+    @property
+    def needs_ulysses_size(self) -> bool:
+        return self is CpImpl.HYBRID
+
+
+class CpLayout(Option):
+    """Which chunks of the global sequence each cp rank holds (parallel/layout.py: chunks_of)."""
+
+    CONTIGUOUS = "contiguous"  # p chunks, rank r holds chunk r
+    ZIGZAG = "zigzag"  # 2p chunks, rank r holds r and 2p-1-r: equal causal work
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return 1 if self is CpLayout.CONTIGUOUS else 2
+
+    def n_chunks(self, p: int) -> int:
+        """Equal chunks the global sequence is cut into over p ranks."""
+        return self.chunks_per_rank * p
+
+
+class DType(Option):
+    """Training precision: bfloat16 and float16 are autocast over fp32 weights."""
+
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the forward runs under autocast (float16 also scales the loss)."""
+        return self in (DType.BFLOAT16, DType.FLOAT16)
+
+
+def check_head_split(n_heads: int, n_kv_heads: int, group: int, who: str = "Ulysses",
+                     group_name: str = "group size", hint: str = "", whose: str = "") -> None:
+    """Refuse splitting n_heads query and n_kv_heads KV heads over a group of `group` ranks
+    unless query heads divide evenly and KV heads divide or are divided by it (then replicated)."""
+    if n_heads % group or (n_kv_heads % group and group % n_kv_heads):
+        legal = [g for g in divisors(n_heads) if n_kv_heads % g == 0 or g % n_kv_heads == 0]
+        raise ConfigError(f"{who} splits {whose}{n_heads} query and {n_kv_heads} KV heads over {group_name}={group}: query "
+                          f"heads must be divisible by it and KV heads must divide or be divisible by it; legal "
+                          f"{group_name}: {_legal(legal)}{hint}")
+
+
+def check_ulysses_size(cp: int, ulysses_size) -> None:
+    if ulysses_size is None or ulysses_size < 1 or cp % ulysses_size:
+        raise ConfigError(f"cp_impl='hybrid' needs ulysses_size dividing cp={cp}; legal: {_legal(divisors(cp))}")
 
 
 @dataclass(frozen=True)
@@ -77,12 +170,8 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 f"legal n_kv_heads: {_legal(divisors(self.n_heads))}"
             )
-        if self.norm not in NORMS:
-            raise ConfigError(f"norm={self.norm!r} is unknown; choose one of {NORMS}")
-        if self.position not in POSITIONS:
-            raise ConfigError(f"position={self.position!r} is unknown; choose one of {POSITIONS}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={self.activation!r} is unknown; choose one of {ACTIVATIONS}")
+        for name, option in (("norm", Norm), ("position", Position), ("activation", Activation)):
+            object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(
                 f"rotary positions need an even head_dim, got d_model/n_heads={self.head_dim}; "
@@ -161,28 +250,59 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.cp_impl not in CP_IMPLS:
-            raise ConfigError(f"cp_impl={self.cp_impl!r} is unknown; choose one of {CP_IMPLS}")
-        if self.cp_layout not in CP_LAYOUTS:
-            raise ConfigError(f"cp_layout={self.cp_layout!r} is unknown; choose one of {CP_LAYOUTS}")
-        if self.cp_impl == "hybrid":
-            if self.ulysses_size is None or self.ulysses_size < 1 or self.cp % self.ulysses_size:
-                raise ConfigError(f"cp_impl='hybrid' needs ulysses_size dividing cp={self.cp}; legal: "
-                                  f"{_legal(divisors(self.cp))}")
+        for name, option in (("cp_impl", CpImpl), ("cp_layout", CpLayout), ("vocab_parallel", VocabParallel)):
+            object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
+        if self.impl.needs_ulysses_size:
+            check_ulysses_size(self.cp, self.ulysses_size)
         if self.node_size is not None and (self.node_size < 1 or self.node_size % self.tp):
             raise ConfigError(f"node_size={self.node_size} must be a positive multiple of tp={self.tp} (tensor-"
                               "parallel groups stay inside a node)")
-        if self.vocab_parallel not in VOCAB_PARALLEL:
-            raise ConfigError(f"vocab_parallel={self.vocab_parallel!r} is unknown; choose one of {VOCAB_PARALLEL}")
         if self.vocab_parallel == "off" and self.sequence_parallel and self.tp > 1:
             raise ConfigError("vocab_parallel='off' keeps the LM head whole, which sequence parallelism does not "
                               "support; use vocab_parallel='on' (or 'auto') with sequence_parallel")
-        if self.cp_impl != "hybrid" and self.ulysses_size is not None:
+        if not self.impl.needs_ulysses_size and self.ulysses_size is not None:
             raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.cp * self.tp
+
+    @property
+    def impl(self) -> CpImpl:
+        return CpImpl(self.cp_impl)
+
+    @property
+    def layout(self) -> CpLayout:
+        return CpLayout(self.cp_layout)
+
+    @property
+    def ulysses_group(self) -> int | None:
+        """Ranks a Ulysses all-to-all splits heads over (cp for ulysses, ulysses_size for the
+        hybrid); None when no heads are split."""
+        if self.cp == 1 or not self.impl.splits_heads:
+            return None
+        return self.cp if self.impl is CpImpl.ULYSSES else self.ulysses_size
+
+    @property
+    def seq_chunks(self) -> int:
+        """Equal chunks the global sequence is cut into for the cp layout (1 without cp)."""
+        return self.layout.n_chunks(self.cp) if self.cp > 1 else 1
+
+    @property
+    def sequence_sharded(self) -> bool:
+        """Whether activations between tensor-parallel regions are sequence shards over tp."""
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def seq_unit(self) -> int:
+        """The global sequence length must be a multiple of this: the cp layout's chunks, each
+        split again over tp under sequence parallelism."""
+        return self.seq_chunks * (self.tp if self.sequence_sharded else 1)
+
+    @property
+    def batch_ranks(self) -> int:
+        """Ranks holding different tokens (dp x cp): the axis losses and gradients average over."""
+        return self.dp * self.cp
 
     def splits_vocab(self, model: ModelConfig) -> bool:
         """Whether the embedding and LM head are split over tp.
@@ -226,15 +346,11 @@ class ParallelConfig:
                 f"n_kv_heads={model.n_kv_heads} is neither a multiple nor a divisor of tp={tp}, so KV "
                 f"heads can be neither split nor replicated evenly; legal tp sizes: {_legal(legal)}"
             )
-        heads_local, kv_local = model.n_heads // tp, max(model.n_kv_heads // tp, 1)
-        group = {"ulysses": self.cp, "hybrid": self.ulysses_size}.get(self.cp_impl) if self.cp > 1 else None
-        if group and (heads_local % group or (kv_local % group and group % kv_local)):
-            what = "cp" if self.cp_impl == "ulysses" else "ulysses_size"
-            raise ConfigError(
-                f"cp_impl={self.cp_impl!r} splits each tp rank's {heads_local} query and {kv_local} KV heads over "
-                f"{what}={group}: query heads must divide evenly and KV heads must divide or be divided by it; "
-                f"legal {what}: {_legal([g for g in divisors(heads_local) if kv_local % g == 0 or g % kv_local == 0])}"
-                f" (or use cp_impl='ring' or 'allgather', which do not split heads)")
+        group = self.ulysses_group
+        if group:
+            check_head_split(model.n_heads // tp, max(model.n_kv_heads // tp, 1), group,
+                             f"cp_impl={self.cp_impl!r}", "cp" if self.impl is CpImpl.ULYSSES else "ulysses_size",
+                             " (or use cp_impl='ring' or 'allgather', which do not split heads)", "each tp rank's ")
         if model.d_ff % tp:
             raise ConfigError(
                 f"d_ff={model.d_ff} is not divisible by tp={tp}; legal tp sizes: "
@@ -249,11 +365,10 @@ class ParallelConfig:
             )
 
     def check_batch(self, batch_size: int, seq_len: int, grad_accum: int = 1) -> None:
-        chunks = self.cp * (2 if self.cp_layout == "zigzag" else 1) if self.cp > 1 else 1
-        unit = chunks * (self.tp if self.sequence_parallel else 1)
+        chunks, unit = self.seq_chunks, self.seq_unit
         if seq_len % unit:
             why = f"cp={self.cp} with the {self.cp_layout} layout cuts it into {chunks} chunks" if self.cp > 1 else ""
-            if self.sequence_parallel and self.tp > 1:
+            if self.sequence_sharded:
                 why += (" and " if why else "") + f"sequence parallelism splits each over tp={self.tp}"
             raise ConfigError(f"seq_len={seq_len} must be a multiple of {unit} ({why}); use seq_len="
                               f"{-(-seq_len // unit) * unit}")
@@ -309,15 +424,19 @@ class TrainConfig:
         if self.model.vocab_size < 256:
             raise ConfigError(f"vocab_size={self.model.vocab_size} cannot hold the byte-level tokens (0..255) of the "
                               "training text; use vocab_size >= 256")
-        if self.checkpoint not in CHECKPOINTS:
-            raise ConfigError(f"checkpoint={self.checkpoint!r} is unknown; choose none, attention or block")
-        if self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)} "
-                              "(bfloat16 and float16: autocast with fp32 weights; float16 adds loss scaling)")
-        if self.save_every < 0:
-            raise ConfigError(f"save_every={self.save_every} must be >= 0 (0: a checkpoint at the end only)")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"nonfinite={self.nonfinite!r} is unknown; choose stop or skip")
+        for name, option in (("checkpoint", Recompute), ("dtype", DType), ("nonfinite", OnNonfinite)):
+            object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
+        if self.lr == 0:
+            raise ConfigError("lr=0 would never change the model; use a learning rate > 0 (e.g. 3e-3)")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} exceeds lr={self.lr}; the schedule decays from lr to min_lr")
+        for name in ("warmup", "save_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         self.parallel.check_model(self.model)
         self.parallel.check_batch(self.batch_size, self.seq_len, self.grad_accum)
 

@@ -1,15 +1,22 @@
 """Run a function on every rank: under torchrun, in this process; otherwise in local workers.
 
 Local workers are spawned processes joined into a gloo (or NCCL) group over a free localhost
-port. If one worker fails, the others are terminated and the error is raised here, naming the
-rank: a dead rank never leaves the rest hanging.
+port. If one worker fails, the others are stopped and the failure comes back as one line naming
+the rank and the cause (`WorkerFailed`); every failed rank's full traceback goes to a log file
+the line names. A dead rank never leaves the rest hanging.
+
+Stopping on request: the first SIGTERM or SIGINT to the launcher is passed on to the workers,
+which may finish their step and save (training does, see `training/loop.py`); the launcher waits
+for them, at most `stop_grace_s`, and raises `Stopped`. A second signal kills them at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import multiprocessing.connection
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -24,6 +31,41 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .mesh import init_distributed
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FAIL_GRACE_S = 2.0  # after a rank fails, how long the others get to fail by themselves (and report why)
+
+
+class WorkerFailed(RuntimeError):
+    """A rank failed. The message is one line naming the rank and the cause; `details` holds the
+    full traceback of every failed rank (shown with --verbose)."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class Stopped(Exception):
+    """The job stopped on request (SIGTERM or SIGINT). The message is the one line to show;
+    `checkpoint` is where the workers saved before stopping (None: they did not get to save).
+    The exit status is 128 + the signal's number, as a shell reports a process the signal killed:
+    143 for SIGTERM, 130 for SIGINT."""
+
+    def __init__(self, message: str, signum: int, checkpoint: str | None = None):
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def free_port() -> int:
@@ -54,14 +96,19 @@ def _worker(rank: int, world: int, parent_pid: int, report_dir: str, init_method
             timeout_s: float, fn: Callable, args: tuple) -> None:
     """A spawned local worker: all ranks share this machine's cores. A failure is written to
     report_dir with its time, so the launcher can name the rank that failed first (the others
-    usually fail after it, on a closed connection)."""
+    usually fail after it, on a closed connection); so is a stop on request."""
     _die_with_parent(parent_pid)
     _set_threads(world)
     _init_and_run(rank, world, init_method, backend, timeout_s, fn, args, rank, world, report_dir)
 
 
 def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, timeout_s: float,
-                  fn: Callable, args: tuple, local_rank: int, local_world: int, report_dir: str | None = None) -> None:
+                  fn: Callable, args: tuple, local_rank: int, local_world: int, report_dir: str | None = None,
+                  log_dir: Path | None = None) -> None:
+    """fn on this rank inside the default group. Spawned (report_dir given): a stop or a failure is
+    written to report_dir for the launcher, and a stop ends the process normally. Under torchrun
+    (no report_dir): a stop is raised to the command; a failure is logged to log_dir and raised
+    as a one-line WorkerFailed."""
     try:
         init_distributed(rank, world, init_method, backend, timeout_s, local_rank, local_world)
         fn(*args)
@@ -69,23 +116,57 @@ def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, 
         # threads are busy: without this, gloo can abort a peer at exit ("terminate called
         # without an active exception", SIGABRT) after a run that succeeded.
         dist.barrier()
-    except BaseException:
+    except Stopped as e:  # every rank stops after the same step (fn agreed on it and synchronised)
+        if report_dir is None:
+            raise
+        _write_report(report_dir, rank, stopped=str(e), signum=e.signum, checkpoint=e.checkpoint)
+    except BaseException as e:
         if report_dir is not None:  # before the group is torn down, which makes the peers fail too
-            Path(report_dir, f"{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(),
-                                                                     "error": traceback.format_exc()}))
-        raise
+            _write_report(report_dir, rank, type=type(e).__name__, summary=_summary(e),
+                          error=traceback.format_exc())
+            raise
+        if isinstance(e, WorkerFailed) or not isinstance(e, Exception):
+            raise
+        log = _write_logs({rank: traceback.format_exc()}, log_dir)[rank]
+        raise WorkerFailed(f"rank {rank} failed: {type(e).__name__}: {_summary(e)}; full traceback in {log}",
+                           traceback.format_exc()) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-class WorkerFailed(RuntimeError):
-    pass
+def _write_report(report_dir: str, rank: int, **fields) -> None:
+    Path(report_dir, f"{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(), **fields}))
+
+
+def _summary(e: BaseException) -> str:
+    """The first line of an exception's message, without a C++ source location prefix such as
+    gloo's `[../gloo/transport/tcp/unbound_buffer.cc:78] `."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    first = lines[0].strip() if lines else "(no message)"
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", first)
+
+
+def _write_logs(tracebacks: dict[int, str], log_dir: Path | str | None) -> dict[int, Path]:
+    """Each rank's traceback in `log_dir/rank<R>.log`; without a log_dir, in a fresh temporary
+    folder that is kept (its name goes into the one-line message)."""
+    folder = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="meshattn-logs-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for rank, text in tracebacks.items():
+        paths[rank] = folder / f"rank{rank}.log"
+        paths[rank].write_text(text)
+    return paths
 
 
 def launch(fn: Callable, world: int, args: tuple = (), env: dict | None = None, backend: str | None = None,
-           timeout_s: float = 300.0) -> None:
-    """Call fn(*args) on `world` ranks with the default process group initialised."""
+           timeout_s: float = 300.0, log_dir: Path | str | None = None, stop_grace_s: float = 120.0) -> None:
+    """Call fn(*args) on `world` ranks with the default process group initialised.
+
+    Raises WorkerFailed (one line; tracebacks under log_dir, or a kept temporary folder) when a
+    rank fails, and Stopped when the job was stopped by SIGTERM/SIGINT. After the first signal the
+    launcher waits for the workers at most stop_grace_s seconds, then kills them.
+    """
     env = dict(os.environ) if env is None else env
     if under_torchrun(env):
         if int(env["WORLD_SIZE"]) != world:
@@ -94,53 +175,131 @@ def launch(fn: Callable, world: int, args: tuple = (), env: dict | None = None, 
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
         _set_threads(local_world)
         _init_and_run(int(env["RANK"]), world, "env://", backend, timeout_s, fn, args,
-                      int(env.get("LOCAL_RANK", env["RANK"])), local_world)
+                      int(env.get("LOCAL_RANK", env["RANK"])), local_world, log_dir=log_dir)
         return
     with tempfile.TemporaryDirectory(prefix="meshattn-") as report_dir:
-        _spawn_and_join(fn, world, args, backend, timeout_s, report_dir)
+        _spawn_and_join(fn, world, args, backend, timeout_s, report_dir, log_dir, stop_grace_s)
+
+
+class _Forwarder:
+    """The launcher's SIGTERM/SIGINT handlers. They only record; `act`, called from the wait loop,
+    passes the first signal on to the workers and starts the grace period, and kills them on a
+    second signal or when the grace period is over."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.signum = 0  # the first signal received
+        self.repeated = False  # a second one came
+        self.deadline: float | None = None
+        self.forwarded = False
+        self.killed = False
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            self.repeated = True
+        else:
+            self.signum = signum
+            self.deadline = time.monotonic() + self.grace_s
+
+    def act(self, procs: list) -> None:
+        if self.signum and not self.forwarded:
+            self.forwarded = True
+            _signal_all(procs, self.signum)
+        if self.signum and not self.killed and (self.repeated or time.monotonic() > self.deadline):
+            self.killed = True
+            _signal_all(procs, signal.SIGKILL)
+
+
+def _signal_all(procs: list, signum: int) -> None:
+    for p in procs:
+        if p.exitcode is None:  # not yet reaped, so the pid is still ours
+            try:
+                os.kill(p.pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def _spawn_and_join(fn: Callable, world: int, args: tuple, backend: str | None, timeout_s: float,
-                    report_dir: str) -> None:
+                    report_dir: str, log_dir: Path | str | None, stop_grace_s: float) -> None:
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    # SIGTERM (e.g. from a job scheduler) unwinds through the clean-up below like Ctrl-C does.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
-    ctx = mp.start_processes(_worker, args=(world, os.getpid(), report_dir, init_method, backend, timeout_s, fn, args),
-                             nprocs=world, join=False, start_method="spawn")
+    forwarder = _Forwarder(stop_grace_s)
+    forwarder.install()
+    procs: list = []
     try:
-        while not ctx.join():
-            pass
-    except mp.ProcessExitedException as e:
-        if e.signal_name:  # killed from outside: that is the cause, whatever the others reported
-            raise WorkerFailed(f"rank {e.error_index} was killed by {e.signal_name}; "
-                               "the other ranks were stopped") from None
-        raise WorkerFailed(_first_failure(report_dir) or f"rank {e.error_index} exited with code {e.exit_code}; "
-                           "the other ranks were stopped") from None
-    except mp.ProcessRaisedException as e:
-        raise WorkerFailed(_first_failure(report_dir) or f"rank {e.error_index} failed:\n{e}") from None
+        ctx = mp.start_processes(_worker, args=(world, os.getpid(), report_dir, init_method, backend, timeout_s, fn,
+                                                args), nprocs=world, join=False, start_method="spawn")
+        procs = ctx.processes
+        first = _wait(procs, forwarder)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        for p in ctx.processes:
+        forwarder.restore()
+        _signal_all(procs, signal.SIGKILL)  # left only if the launcher itself was interrupted
+        for p in procs:
             p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    outcome = _outcome(procs, first, forwarder, report_dir, log_dir)
+    if outcome is not None:
+        raise outcome
 
 
-def _first_failure(report_dir: str) -> str | None:
-    reports = [json.loads(f.read_text()) for f in Path(report_dir).glob("*.json")]
-    if not reports:
+def _wait(procs: list, forwarder: _Forwarder) -> int | None:
+    """Wait until every worker has exited; returns the rank that failed first (None: none did).
+    After a failure the others get FAIL_GRACE_S to fail by themselves (a closed connection), then
+    they are killed; SIGTERM is not used for that, as it asks a training worker to save."""
+    live = {p.sentinel: rank for rank, p in enumerate(procs)}
+    first, failed_at = None, 0.0
+    while live:
+        forwarder.act(procs)
+        for sentinel in multiprocessing.connection.wait(list(live), timeout=0.25):
+            rank = live.pop(sentinel)
+            procs[rank].join()
+            if procs[rank].exitcode != 0 and first is None:
+                first, failed_at = rank, time.monotonic()
+        if first is not None and time.monotonic() - failed_at > FAIL_GRACE_S:
+            _signal_all(procs, signal.SIGKILL)
+    return first
+
+
+def _outcome(procs: list, first: int | None, forwarder: _Forwarder, report_dir: str,
+             log_dir: Path | str | None) -> Exception | None:
+    """What the ended job amounts to: Stopped, WorkerFailed, or None for success."""
+    reports = [json.loads(f.read_text()) for f in sorted(Path(report_dir).glob("*.json"))]
+    stops = sorted((r for r in reports if "stopped" in r), key=lambda r: r["rank"])
+    failures = [r for r in reports if "stopped" not in r]
+    if forwarder.killed:
+        why = "a second signal" if forwarder.repeated else f"no stop within {forwarder.grace_s:.0f} s"
+        return Stopped(f"stopped by {signal_name(forwarder.signum)}; the workers were killed at once ({why}), "
+                       "so no checkpoint was written after the last complete one", forwarder.signum)
+    if stops:  # the workers agreed on a step, saved and reported the same line
+        return Stopped(stops[0]["stopped"], stops[0]["signum"], stops[0].get("checkpoint"))
+    if forwarder.signum and (first is not None or failures):
+        return Stopped(f"stopped by {signal_name(forwarder.signum)} before the workers could save a checkpoint",
+                       forwarder.signum)
+    if first is None and not failures:
         return None
-    first = min(reports, key=lambda r: r["time"])
-    later = sorted(r["rank"] for r in reports if r is not first)
-    also = f" (then rank(s) {later} failed too; the other ranks were stopped)" if later else ""
-    return f"rank {first['rank']} failed first{also}:\n{first['error']}"
+    return _failure(procs, first, failures, log_dir)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
+def _failure(procs: list, first: int | None, failures: list[dict], log_dir: Path | str | None) -> WorkerFailed:
+    """One line naming the cause: a rank killed from outside (whatever the others reported, as
+    they fail on its closed connection), else the rank whose report is earliest."""
+    logs = _write_logs({r["rank"]: r["error"] for r in failures}, log_dir) if failures else {}
+    details = "\n".join(f"rank {r}:\n{logs[r].read_text()}" for r in sorted(logs))
+    where = f"; tracebacks in {next(iter(logs.values())).parent}" if logs else ""
+    if first is not None and procs[first].exitcode < 0:
+        return WorkerFailed(f"rank {first} was killed by {signal_name(-procs[first].exitcode)}; "
+                            f"the other ranks were stopped{where}", details)
+    if failures:
+        head = min(failures, key=lambda r: r["time"])
+        later = sorted(r["rank"] for r in failures if r is not head)
+        also = f" (then rank(s) {later} failed too)" if later else ""
+        return WorkerFailed(f"rank {head['rank']} failed first: {head['type']}: {head['summary']}{also}; "
+                            f"the other ranks were stopped; full traceback in {logs[head['rank']]}", details)
+    return WorkerFailed(f"rank {first} exited with code {procs[first].exitcode}; the other ranks were stopped")

@@ -1,18 +1,23 @@
-"""Process-group start-up and the named dp x cp x tp DeviceMesh.
+"""Process-group start-up, and `ParallelDims`: the one owner of every mesh, axis and group.
 
-Axis order is outermost to innermost: tp is innermost so that a tensor-parallel group is made
-of consecutive ranks (the ranks of one node when ranks are numbered node by node).
+Axis order is outermost to innermost: dp, cp, tp. tp is innermost so that a tensor-parallel group
+is made of consecutive ranks (the ranks of one node when ranks are numbered node by node).
+Derived groups (the dp x cp batch axis, its node x local split for a hierarchical all-reduce, the
+cp axis split into ring x Ulysses for the hybrid, the KV-head replica groups inside tp) are built
+here and nowhere else; other code asks `ParallelDims.axes()` for them.
 """
 
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .config import ParallelConfig
+from .comm import Axis, CommCounter
+from .config import ParallelConfig, check_ulysses_size
 
 AXES = ("dp", "cp", "tp")
 
@@ -54,13 +59,115 @@ def init_distributed(rank: int, world_size: int, init_method: str, backend: str 
     return backend
 
 
-def build_mesh(cfg: ParallelConfig, device: str = "cpu") -> DeviceMesh:
-    """A DeviceMesh of shape (dp, cp, tp) with axes named "dp", "cp", "tp".
+@dataclass(frozen=True)
+class Hierarchy:
+    """The batch axis split into ranks on one node (local) and the same position on every node."""
 
-    Checks the world size before creating any group, so a wrong layout fails on every rank
-    with the same message and no collective is issued.
+    node: Axis
+    local: Axis
+    world: int
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """The cp axis, and for the hybrid its split into ring (across groups) x ulysses (inside)."""
+
+    axis: Axis
+    ring: Axis | None = None
+    ulysses: Axis | None = None
+
+    @property
+    def ulysses_size(self) -> int | None:
+        return None if self.ulysses is None else self.ulysses.size
+
+
+@dataclass(frozen=True)
+class MeshAxes:
+    """Every axis a parallel model uses, bound to one byte counter."""
+
+    dp: Axis
+    cp: Axis
+    tp: Axis
+    kv: Axis  # replicas of one KV head inside tp (size 1 unless n_kv_heads < tp)
+    batch: Axis  # dp x cp together: the ranks holding different tokens, over which gradients average
+    context: ContextGroup  # cp, split into ring x ulysses for the hybrid
+    hierarchy: Hierarchy | None = None  # the batch axis split into (node, local) for gradient all-reduce
+
+
+def _regroup(mesh: DeviceMesh, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """A second DeviceMesh over the same ranks in another shape (every rank builds it, as group
+    creation requires)."""
+    return DeviceMesh(mesh.device_type, mesh.mesh.reshape(*shape), mesh_dim_names=names)
+
+
+def context_group(mesh: DeviceMesh, axis: str = "cp", ulysses_size: int | None = None,
+                  counter: CommCounter | None = None) -> ContextGroup:
+    """The `axis` of any named mesh as a ContextGroup, split into ring x ulysses sub-axes when
+    ulysses_size is given (for the hybrid). Every rank must call it: it creates groups."""
+    cp = Axis.of(mesh, axis, counter)
+    if ulysses_size is None or cp.size == 1:
+        return ContextGroup(cp)
+    check_ulysses_size(cp.size, ulysses_size)
+    names = list(mesh.mesh_dim_names)
+    i = names.index(axis)
+    shape = list(mesh.mesh.shape)
+    split = _regroup(mesh, (*shape[:i], cp.size // ulysses_size, ulysses_size, *shape[i + 1:]),
+                     (*names[:i], "cp_ring", "cp_ulysses", *names[i + 1:]))
+    return ContextGroup(cp, Axis.of(split, "cp_ring", counter), Axis.of(split, "cp_ulysses", counter))
+
+
+class ParallelDims:
+    """The dp x cp x tp layout of a ParallelConfig, made real: the named DeviceMesh and every
+    derived group, created once, on every rank, in the same order.
+
+    Checks the world size before creating any group, so a wrong layout fails on every rank with
+    the same message and no collective is issued. `axes(n_kv_heads, counter)` hands out the
+    axes a model uses, bound to a byte counter (cheap: no group is created after construction,
+    except the KV replica groups of a model whose n_kv_heads < tp, once per head count).
     """
-    if not dist.is_initialized():
-        raise RuntimeError("build_mesh needs an initialised process group; call init_distributed first")
-    cfg.check_world(dist.get_world_size())
-    return init_device_mesh(device, (cfg.dp, cfg.cp, cfg.tp), mesh_dim_names=AXES)
+
+    def __init__(self, cfg: ParallelConfig, device: str | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelDims needs an initialised process group; call init_distributed first")
+        cfg.check_world(dist.get_world_size())
+        self.cfg = cfg
+        device = device or current_device().type
+        self.mesh = init_device_mesh(device, (cfg.dp, cfg.cp, cfg.tp), mesh_dim_names=AXES)
+        self._batch = None
+        if cfg.dp > 1 and cfg.cp > 1:
+            self._batch = _regroup(self.mesh, (cfg.batch_ranks, cfg.tp), ("dpcp", "tp"))
+        self._nodes = None
+        local = (cfg.node_size or 0) // cfg.tp
+        if local > 1 and cfg.batch_ranks > local and cfg.batch_ranks % local == 0:
+            self._nodes = _regroup(self.mesh, (cfg.batch_ranks // local, local, cfg.tp), ("node", "local", "tp"))
+        self._context_split = None
+        if cfg.cp > 1 and cfg.impl.needs_ulysses_size:
+            self._context_split = context_group(self.mesh, "cp", cfg.ulysses_size)
+        self._kv: dict[int, DeviceMesh] = {}
+
+    def _kv_mesh(self, n_kv_heads: int) -> DeviceMesh:
+        """tp split into (n_kv_heads, tp / n_kv_heads): the ranks sharing one KV head."""
+        c = self.cfg
+        if n_kv_heads not in self._kv:
+            self._kv[n_kv_heads] = _regroup(self.mesh, (c.dp, c.cp, n_kv_heads, c.tp // n_kv_heads),
+                                            ("dp", "cp", "kv_shard", "kv"))
+        return self._kv[n_kv_heads]
+
+    def axes(self, n_kv_heads: int | None = None, counter: CommCounter | None = None) -> MeshAxes:
+        dp, cp, tp = (Axis.of(self.mesh, name, counter) for name in AXES)
+        kv = Axis.single("kv")
+        if n_kv_heads is not None and n_kv_heads < tp.size:
+            kv = Axis.of(self._kv_mesh(n_kv_heads), "kv", counter)
+        if self._batch is not None:
+            batch = Axis.of(self._batch, "dpcp", counter)
+        else:
+            batch = cp if cp.size > 1 else dp
+        hierarchy = None
+        if self._nodes is not None:
+            hierarchy = Hierarchy(Axis.of(self._nodes, "node", counter), Axis.of(self._nodes, "local", counter),
+                                  batch.size)
+        context = ContextGroup(cp)
+        if self._context_split is not None:
+            s = self._context_split
+            context = ContextGroup(cp, s.ring.with_counter(counter), s.ulysses.with_counter(counter))
+        return MeshAxes(dp, cp, tp, kv, batch, context, hierarchy)

@@ -22,7 +22,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..config import CHECKPOINTS, CP_IMPLS, ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from ..config import ConfigError, CpImpl, ModelConfig, ParallelConfig, Recompute, TrainConfig, divisors
 
 KINDS = ("single", "native", "meshattn")
 
@@ -69,7 +69,7 @@ class Layout:
 def parse_layout(name: str) -> Layout:
     """'dp2xtp2', 'cp4:hybrid2', 'native-tp2', 'single' -> Layout (ConfigError naming the grammar)."""
     text, _, checkpoint = name.strip().lower().partition("@")
-    if checkpoint and (checkpoint not in CHECKPOINTS or text == "single" or "-tp" in text):
+    if checkpoint and (checkpoint not in Recompute.names() or text == "single" or "-tp" in text):
         raise ConfigError(f"layout {name!r}: write @attention or @block after a meshattn layout (e.g. tp2@block) for "
                           "activation checkpointing")
     if text == "single":
@@ -85,7 +85,7 @@ def parse_layout(name: str) -> Layout:
             raise ConfigError(f"layout {name!r}: cannot read {part!r}; write e.g. single, native-tp2, tp2, tp2+sp, "
                               "tp2+wv, dp2xtp2, cp2:ring, cp2:ulysses:contiguous, cp4:hybrid2 (axes dp<N>, "
                               "tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]] joined by 'x'; impl one of "
-                              f"{', '.join(CP_IMPLS)})")
+                              f"{', '.join(CpImpl.names())})")
         axis, size = m.group(1), int(m.group(2))
         sizes[axis] = size
         if m.group(3):
@@ -110,24 +110,20 @@ def check_layout(layout: Layout, model: ModelConfig, batch_size: int, seq_len: i
                        warmup=1, sample_tokens=0, checkpoint=layout.checkpoint)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def default_layouts(world: int, model: ModelConfig, batch_size: int, seq_len: int) -> list[Layout]:
     """The single-process reference, PyTorch-native TP at tp=world, and every valid meshattn
     dp x cp x tp layout of `world` ranks (each cp impl, zigzag layout)."""
     candidates = [Layout("single", ParallelConfig()), Layout("native", ParallelConfig(tp=world))]
-    for tp in _divisors(world):
-        for cp in _divisors(world // tp):
+    for tp in divisors(world):
+        for cp in divisors(world // tp):
             dp = world // (tp * cp)
             if cp == 1:
                 candidates.append(Layout("meshattn", ParallelConfig(dp=dp, tp=tp)))
                 continue
-            for impl in CP_IMPLS:
-                sizes = [u for u in _divisors(cp) if 1 < u < cp] if impl == "hybrid" else [None]
+            for impl in CpImpl:
+                sizes = [u for u in divisors(cp) if 1 < u < cp] if impl.needs_ulysses_size else [None]
                 for u in sizes:
-                    candidates.append(Layout("meshattn", ParallelConfig(dp=dp, tp=tp, cp=cp, cp_impl=impl,
+                    candidates.append(Layout("meshattn", ParallelConfig(dp=dp, tp=tp, cp=cp, cp_impl=impl.value,
                                                                         ulysses_size=u)))
     valid = []
     for layout in candidates:

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..model import Attention, Transformer
+from ..model.transformer import Attention, Transformer
 
 
 def _per_rank_rows(attn: Attention, tp: int) -> torch.Tensor:

@@ -20,11 +20,11 @@ import torch.distributed as dist
 
 from ..comm import CommCounter, all_reduce_
 from ..config import ParallelConfig, TrainConfig
-from ..corpus import Corpus
-from ..memory import PeakMemory, SavedActivations, tensor_bytes
-from ..mesh import build_mesh, current_device, device_type
+from ..training.corpus import Corpus
+from .memory import PeakMemory, SavedActivations, tensor_bytes
+from ..mesh import ParallelDims, current_device
 from ..model import Transformer
-from ..train import DTYPES, autocast, build_model
+from ..training.step import DTYPES, autocast, build_model
 from .layouts import Layout, layout_from_dict
 from .native import native_tensor_parallel
 
@@ -35,7 +35,7 @@ def _build(layout: Layout, cfg: TrainConfig, counter: CommCounter):
     ids, targets = corpus.batch(0, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
     device = current_device()
     if layout.kind == "meshattn":
-        model = build_model(cfg, build_mesh(cfg.parallel, device_type(dist.get_backend())), counter)
+        model = build_model(cfg, ParallelDims(cfg.parallel), counter)
         ids, targets = model.shard_batch(ids, targets)
         batch = model.axes.batch
         return model, ids.to(device), targets.to(device), lambda loss: (
@@ -43,8 +43,7 @@ def _build(layout: Layout, cfg: TrainConfig, counter: CommCounter):
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device=device, dtype=DTYPES[cfg.dtype])
     if layout.kind == "native":
-        native_tensor_parallel(model, build_mesh(ParallelConfig(tp=layout.parallel.tp),
-                                                 device_type(dist.get_backend()))["tp"])
+        native_tensor_parallel(model, ParallelDims(ParallelConfig(tp=layout.parallel.tp)).mesh["tp"])
     return model, ids.to(device), targets.to(device), lambda loss: loss.item()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from ..attention import block_backward, block_forward, merge_
+from ..model.attention import block_backward, block_forward, merge_
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -133,7 +133,7 @@ class ChunkAttention(Function):
 
 
 def chunk_attention(q, k, v, q_chunks, k_chunks, causal=True, scale=None, kernel="auto") -> torch.Tensor:
-    from ..attention import default_scale
+    from ..model.attention import default_scale
 
     return ChunkAttention.apply(q, k, v, list(q_chunks), list(k_chunks), causal,
                                 default_scale(q.shape[-1], scale), kernel)

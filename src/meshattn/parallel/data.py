@@ -13,7 +13,6 @@ the same as the flat all-reduce's (up to summation order).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,6 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import Axis, all_gather_raw, all_reduce_, reduce_scatter_raw
+from ..mesh import Hierarchy
 
 
 def _counted_allreduce(axis, bucket):
@@ -30,15 +30,6 @@ def _counted_allreduce(axis, bucket):
     """
     axis.record("all_reduce", "bwd", bucket.buffer())
     return default_hooks.allreduce_hook(axis.group, bucket)
-
-
-@dataclass(frozen=True)
-class Hierarchy:
-    """The replica group split into ranks on one node (local) and the same position on every node."""
-
-    node: Axis
-    local: Axis
-    world: int
 
 
 def _hierarchical_allreduce(h, bucket):

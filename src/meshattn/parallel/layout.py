@@ -12,24 +12,23 @@ from __future__ import annotations
 import torch
 
 from ..comm import Axis, gather_from_group
+from ..config import CpLayout
 
-LAYOUTS = ("contiguous", "zigzag")
-
-
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+# Global chunk ids rank r of p holds, in local order: one function per layout (config.CpLayout
+# defines the names and how many chunks each rank holds).
+_CHUNKS = {
+    CpLayout.CONTIGUOUS: lambda r, p: [r],
+    CpLayout.ZIGZAG: lambda r, p: [r, 2 * p - 1 - r],
+}
 
 
 def n_chunks(layout: str, p: int) -> int:
-    check_layout(layout)
-    return p if layout == "contiguous" else 2 * p
+    return CpLayout.parse(layout, "layout").n_chunks(p)
 
 
 def chunks_of(layout: str, rank: int, p: int) -> list[int]:
     """Global chunk ids rank `rank` holds, in local order."""
-    check_layout(layout)
-    return [rank] if layout == "contiguous" else [rank, 2 * p - 1 - rank]
+    return _CHUNKS[CpLayout.parse(layout, "layout")](rank, p)
 
 
 def chunk_table(layout: str, p: int) -> list[list[int]]:
@@ -39,9 +38,8 @@ def chunk_table(layout: str, p: int) -> list[list[int]]:
 def check_divisible(seq_len: int, layout: str, p: int, what: str = "sequence length") -> None:
     n = n_chunks(layout, p)
     if seq_len % n:
-        legal = f"a multiple of {n}" + (" (2*cp: zigzag cuts the sequence into 2*cp chunks)" if layout == "zigzag" else " (cp)")
         raise ValueError(f"{what} {seq_len} is not divisible into {n} equal chunks for layout={layout!r} with cp={p}; "
-                         f"use {legal}, e.g. {(-(-seq_len // n)) * n}")
+                         f"use a multiple of {n}, e.g. {(-(-seq_len // n)) * n}")
 
 
 def shard_sequence(x: torch.Tensor, group, dim: int = 2, layout: str = "zigzag") -> torch.Tensor:

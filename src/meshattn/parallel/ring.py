@@ -18,10 +18,9 @@ whole Ulysses group's in the hybrid), so the chunk-level causal rule decides eve
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.autograd import Function
 
-from ..comm import Axis
+from ..comm import Axis, ring_shift_start
 from .blocks import ChunkAttention, attend_chunks, attend_chunks_backward, empty_accumulators
 
 _K_TAG, _V_TAG, _DK_TAG, _DV_TAG = 17, 18, 19, 20
@@ -50,16 +49,8 @@ class _Exchange:
         to_wire, flat = _LAYOUTS[layout]
         self.sent = tuple(to_wire(t) for t in tensors)  # kept alive until wait()
         self.received = tuple(to_wire(torch.empty(t.shape, dtype=t.dtype, device=t.device)) for t in tensors)
-        nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
-        prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
-        ops = []
-        for t, buf, tag in zip(self.sent, self.received, tags):
-            axis.record("send_recv", phase, t)
-            ops += [dist.P2POp(dist.isend, flat(t), nxt, axis.group, tag),
-                    dist.P2POp(dist.irecv, flat(buf), prv, axis.group, tag)]
-        # One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the
-        # previous rank are the same peer); gloo matches the tags.
-        self.works = dist.batch_isend_irecv(ops)
+        self.works = ring_shift_start([flat(t) for t in self.sent], [flat(t) for t in self.received], list(tags),
+                                      axis, phase)
         self.done = False
         if complete:  # no overlap: finish the transfer now; wait() then returns at once
             self._finish()

@@ -52,6 +52,32 @@ class Shard:
         return torch.cat([pieces[i * tp // self.parts] for i in range(self.parts)], dim=self.dim)
 
 
+class ShardedModule(nn.Module):
+    """A module whose parameters are declared by their Shard; values are loaded afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.param_shards: dict[str, Shard] = {}
+
+    def declare(self, name: str, shard: Shard | None) -> None:
+        if shard is None:
+            self.register_parameter(name, None)
+            return
+        self.register_parameter(name, nn.Parameter(torch.empty(shard.local_shape())))
+        self.param_shards[name] = shard
+
+
+def linear_shards(prefix: str, out_f: int, in_f: int, bias: bool, dim: int, parts: int,
+                   start: int = 0, stop: int | None = None):
+    """Weight and bias shards of one reference Linear (or of a row slice of it)."""
+    w = Shard(f"{prefix}.weight", (out_f, in_f), dim, parts, start, stop)
+    if not bias:
+        return w, None
+    # A column split cuts the bias too; a row split leaves it whole (added after the reduction).
+    b = Shard(f"{prefix}.bias", (out_f,), 0, parts, start, stop) if dim == 0 else Shard(f"{prefix}.bias", (out_f,))
+    return w, b
+
+
 def collect_shards(module: nn.Module) -> dict[str, Shard]:
     """Shards of every parameter, keyed by the parameter's name in `module` (ties included)."""
     shards = {}
@@ -104,7 +130,7 @@ def gather_tensors(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
     """Full reference-named tensors from per-parameter local ones shaped like their parameter
     (the parameters, their gradients, an optimizer's moments): `tensor_of(local name, param)`.
     A collective over tp."""
-    axis = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank, None)  # not training traffic
+    axis = tp_axis.with_counter(None)  # not training traffic
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         shard = shards[name]

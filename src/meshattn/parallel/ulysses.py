@@ -7,7 +7,7 @@ permuted back. Four all-to-alls forward (q, k, v, out) and four backward, each o
 
 Grouped KV heads: G % p == 0 splits them like query heads (rank r's query heads read exactly the
 KV heads it receives); G < p with p % G == 0 first repeats each KV head p/G times (autograd sums
-their gradients back); anything else is refused before any collective.
+their gradients back); anything else is refused before any collective (config.check_head_split).
 """
 
 from __future__ import annotations
@@ -23,23 +23,13 @@ def kv_repeats(n_kv_heads: int, p: int) -> int:
     return 1 if n_kv_heads % p == 0 else p // n_kv_heads
 
 
-def check_heads(n_heads: int, n_kv_heads: int, p: int, what: str = "Ulysses") -> None:
-    if n_heads % p:
-        legal = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
-        raise ValueError(f"{what} splits heads over its group: n_heads={n_heads} is not divisible by {p}; "
-                         f"legal group sizes: {', '.join(map(str, legal))}")
-    if n_kv_heads % p and p % n_kv_heads:
-        raise ValueError(f"{what}: n_kv_heads={n_kv_heads} is neither a multiple nor a divisor of the group size "
-                         f"{p}, so KV heads can be neither split nor replicated evenly")
-
-
 def ulysses_attention(q, k, v, axis: Axis, order: list[int], causal: bool, scale: float, kernel: str,
-                      ring=None) -> torch.Tensor:
+                      inner=None) -> torch.Tensor:
     """q (B, H, S/p, D), k and v (B, G, S/p, D) -> (B, H, S/p, D).
 
     `order[g]` is the position, in the rank-ordered concatenation of the group's chunks, of the
-    g-th chunk in sorted order. With `ring`, the head-sharded attention over the group's chunks is
-    done by ring attention across groups instead of locally (the hybrid).
+    g-th chunk in sorted order. With `inner(q, k, v)`, the head-sharded attention over the group's
+    chunks is done by it instead of locally (the hybrid passes ring attention across groups).
     """
     rep = kv_repeats(k.shape[1], axis.size)
     if rep > 1:
@@ -48,10 +38,10 @@ def ulysses_attention(q, k, v, axis: Axis, order: list[int], causal: bool, scale
     n = len(order)
     if order != list(range(n)):
         q, k, v = (_reorder(t, order) for t in (q, k, v))  # chunks in sorted order
-    if ring is None:
+    if inner is None:
         out = ChunkAttention.apply(q, k, v, list(range(n)), list(range(n)), causal, scale, kernel)
     else:
-        out = ring(q, k, v)
+        out = inner(q, k, v)
     if order != list(range(n)):
         out = _reorder(out, _inverse(order))
     return all_to_all(out, 2, 1, axis)  # (B, H, S/p, D)

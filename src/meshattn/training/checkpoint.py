@@ -19,11 +19,12 @@ Atomic: everything is written under `ROOT/.step-00000120.partial`, files and dir
 the manifest last, then the directory is renamed into place and `latest` replaced by rename. A
 crash at any point leaves the previous checkpoint and `latest` as they were.
 
-Verified: DCP's `.metadata` is a pickle, and unpickling runs code. Before DCP reads anything,
-every file's SHA-256 and size are checked against the manifest and the directory must hold
-exactly the manifest's files: a flipped byte, a truncated, missing or extra file is refused with
-the file's name. This guards against corruption and tampering by anyone who cannot also rewrite
-the manifest; keep checkpoints where only the job can write (see the README's security notes).
+Verified: before DCP reads anything, every file's SHA-256 and size are checked against the
+manifest and the directory must hold exactly the manifest's files: a flipped byte, a truncated,
+missing or extra file is refused with the file's name. This guards against corruption, not
+malice: whoever can write the folder can rewrite the manifest too. DCP's `.metadata` is a pickle,
+and unpickling runs code, so it is read only through `safe_pickle.SafeFileSystemReader`, which
+builds nothing but tensor metadata and refuses anything else by name before calling it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .config import ConfigError, TrainConfig
-from .parallel import ParallelModel, gather_state_dict, load_state_dict
-from .parallel.shard import gather_tensors
+from ..config import ConfigError, TrainConfig
+from ..parallel import ParallelModel, gather_state_dict, load_state_dict
+from .safe_pickle import RefusedPickle, SafeFileSystemReader
 
 MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
 FORMAT = 1
@@ -124,7 +125,7 @@ def resolve(path: Path) -> Path:
 def _optimizer_tensors(model: ParallelModel, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """AdamW state per local parameter name: exp_avg, exp_avg_sq (shaped like the parameter)."""
     out = {}
-    for name, p in model.tp_model.named_parameters(remove_duplicate=False):
+    for name, p, _ in model.named_shards():
         state = opt.state.get(p, {})
         if "exp_avg" in state:
             out[name] = state
@@ -138,7 +139,7 @@ def _state(model: ParallelModel, opt: torch.optim.Optimizer) -> dict[str, torch.
     if not optim:
         return state
     for key in ("exp_avg", "exp_avg_sq"):
-        full = gather_tensors(model.tp_model, model.shards, model.axes.tp, lambda n, p, key=key: optim[n][key])
+        full = model.gather_full(lambda n, p, key=key: optim[n][key])
         state.update({f"optim/{k}/{key}": v for k, v in full.items()})
     steps = {model.shards[n].name: s["step"].reshape(1).double() for n, s in optim.items()}
     state.update({f"optim/{k}/step": v for k, v in steps.items()})
@@ -183,16 +184,44 @@ def _open(path: Path, cfg: TrainConfig | None = None) -> tuple[Path, dict]:
     """The verified checkpoint directory behind `path` and its meta; with cfg, refuse another model."""
     directory = resolve(path)
     verify(directory)
+    _vet_metadata(directory)
     meta = json.loads((directory / META).read_text())
     if cfg is not None:
         _check_model(meta, cfg)
     return directory, meta
 
 
+def _refusal(directory: Path, refused: RefusedPickle) -> CheckpointError:
+    return CheckpointError(f"{directory / '.metadata'}: refused to unpickle {refused.what} (a checkpoint may hold "
+                           "only tensor metadata); the checkpoint is not read")
+
+
+def _vet_metadata(directory: Path) -> None:
+    """Read DCP's metadata with the restricted unpickler, which calls nothing it refuses."""
+    try:
+        SafeFileSystemReader(directory).read_metadata()
+    except RefusedPickle as e:
+        raise _refusal(directory, e) from None
+    except Exception as e:  # missing, truncated, garbled: a CheckpointError, so that in `load` every rank hears of it
+        raise CheckpointError(f"{directory / '.metadata'}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+
+
+def _dcp_load(state: dict[str, torch.Tensor], directory: Path, **kwargs) -> None:
+    """dcp.load through SafeFileSystemReader. DCP wraps the reader's errors in its own, so a refusal
+    (the file replaced since it was vetted) is recognised by the reader's record of it."""
+    reader = SafeFileSystemReader(directory)
+    try:
+        dcp.load(state, storage_reader=reader, **kwargs)
+    except (Exception, dcp.CheckpointException):  # CheckpointException is a BaseException
+        if reader.refused is not None:
+            raise _refusal(directory, reader.refused) from None
+        raise
+
+
 def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConfig, path: Path) -> dict:
     """Load a checkpoint saved at any layout into this one (every rank calls this); returns its
-    meta (step, config, extra). Rank 0 verifies the files before DCP unpickles anything and
-    shares the verdict in one small collective, so every rank raises the same error."""
+    meta (step, config, extra). Rank 0 verifies the files and vets DCP's metadata before any rank
+    calls DCP, and shares the verdict in one small collective, so every rank raises the same error."""
     box = [None, None, None]  # error, directory, meta
     if dist.get_rank() == 0:
         try:
@@ -212,12 +241,11 @@ def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConf
             for key in ("exp_avg", "exp_avg_sq"):
                 state[f"optim/{shard.name}/{key}"] = torch.empty(shard.full_shape, dtype=dtype)
             state[f"optim/{shard.name}/step"] = torch.empty(1, dtype=torch.float64)
-    dcp.load(state, checkpoint_id=str(directory))
+    _dcp_load(state, directory)
     load_state_dict(model, {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
     if opt is not None:
         tp = model.axes.tp
-        for name, p in model.tp_model.named_parameters(remove_duplicate=False):
-            shard = model.shards[name]
+        for _, p, shard in model.named_shards():
             opt.state[p] = {"step": state[f"optim/{shard.name}/step"].float().reshape(()),
                             **{key: shard.take(state[f"optim/{shard.name}/{key}"], tp.rank, tp.size).clone()
                                for key in ("exp_avg", "exp_avg_sq")}}
@@ -238,13 +266,13 @@ def load_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The single-device model's state dict and the meta from a checkpoint, in one process with
     no process group (for inference or export), verified first."""
     directory, meta = _open(path)
-    from .config import ModelConfig
-    from .model import Transformer
+    from ..config import ModelConfig
+    from ..model import Transformer
 
     with torch.device("meta"):  # shapes only: no initialisation of weights DCP overwrites anyway
         shapes = Transformer(ModelConfig(**meta["config"]["model"])).state_dict()
     state = {f"model/{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist is the intent
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        _dcp_load(state, directory, no_dist=True)
     return {k[len("model/"):]: v for k, v in state.items()}, meta

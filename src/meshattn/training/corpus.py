@@ -39,17 +39,32 @@ def load_bytes(path: str | None = None, max_bytes: int = 16 * 2**20) -> torch.Te
     """Up to max_bytes of text as a uint8 tensor (the standard library when path is None)."""
     root = stdlib_dir() if path is None else Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"--data {root}: no such file or folder")
+        raise FileNotFoundError(f"--data {root}: no such file or folder; give a text file or a folder of "
+                                f"{', '.join(TEXT_SUFFIXES)} files, or leave out --data for Python's standard library")
     chunks, total = [], 0
     for f in _text_files(root):
-        data = f.read_bytes()
-        chunks.append(data[: max_bytes - total])
+        with open(f, "rb") as fh:  # only what is still wanted: a huge file is not read whole
+            chunks.append(fh.read(max_bytes - total))
         total += len(chunks[-1])
         if total >= max_bytes:
             break
     if total == 0:
-        raise ValueError(f"--data {root}: found no text ({', '.join(TEXT_SUFFIXES)} files)")
+        raise ValueError(f"--data {root}: found no text ({', '.join(TEXT_SUFFIXES)} files); give a non-empty text "
+                         "file or a folder holding some")
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def looks_binary(path: str | Path, probe: int = 8192) -> bool:
+    """Whether a file looks like binary data rather than text, judged on its first `probe` bytes:
+    a NUL byte, or more than a tenth of them neither UTF-8 text nor whitespace. Any file is read
+    as bytes and trains; this only lets the command line warn that it is probably not what was meant."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    if b"\0" in head:
+        return True
+    text = head.decode("utf-8", errors="replace")
+    odd = sum(ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v\b\x1b") for ch in text)
+    return odd > len(text) / 10
 
 
 @dataclass

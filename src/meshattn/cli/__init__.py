@@ -1,0 +1,30 @@
+"""The `meshattn` command: parse, run, report. The only package that reads argv and the
+environment; nothing imports it.
+
+    options.py   the parsers and the configurations built from them
+    checks.py    bad input refused in the parent, before any worker starts
+    commands.py  train, bench and profile: check, launch, report
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import ConfigError
+from .commands import bench_command, profile_command, train_command
+from .options import build_parser
+
+COMMANDS = {"train": train_command, "bench": bench_command, "profile": profile_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[a.command](a)
+    except ConfigError as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

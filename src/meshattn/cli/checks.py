@@ -1,0 +1,219 @@
+"""Bad input refused in the parent, before any worker starts.
+
+Each check raises ConfigError with one line, `<what is wrong>; <what to do>`, which `main` prints
+as `meshattn: error: ...` with exit status 2. One function per command (check_train,
+check_bench, check_profile), built from small shared checks of one flag or one path each.
+
+The checks only read, except that --out is created (the run would create it anyway) to prove it
+can be written. They give the same verdict in every process, so under torchrun each process
+runs them before the process group forms and all stop alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..config import ConfigError, TrainConfig, divisors
+from ..training.checkpoint import CheckpointError, _open
+from ..training.corpus import Corpus, looks_binary
+from .options import bench_model, config_from_args
+
+TRAIN_TEXT_BYTES = 16 * 2**20  # what training/loop.py reads (Corpus.from_path's default)
+BENCH_TEXT_BYTES = 1 << 22  # what bench/worker.py reads for bench and profile
+
+
+# -- one function per command
+
+def check_train(a: argparse.Namespace) -> None:
+    """Everything `meshattn train` can refuse before it launches: the flags, the configuration
+    (TrainConfig's own checks), the text, the checkpoint to resume and the output folder."""
+    check_timeout(a.timeout)
+    check_at_least(a, 1, "steps", "batch_size", "seq_len", "grad_accum", "dp", "tp", "cp")
+    check_at_least(a, 0, "save_every", "sample_tokens")
+    check_lr(a.lr)
+    check_ulysses_flag(a)
+    cfg = config_from_args(a)
+    check_data(a.data, cfg.seq_len, TRAIN_TEXT_BYTES)
+    if a.resume is not None:
+        check_resume(a.resume, cfg)
+    check_out(a.out)  # last: nothing is created for a run refused for another reason
+
+
+def check_bench(a: argparse.Namespace) -> None:
+    """Everything `meshattn bench` can refuse before its first layout starts: the flags, the
+    model, the layouts asked for (whether each can run it), the text (for the longest sequence)
+    and the output folder, which is otherwise first written after the whole benchmark."""
+    from ..bench.layouts import check_layout, parse_layout
+
+    check_timeout(a.timeout)
+    check_at_least(a, 1, "world", "batch_size", "steps", "rounds")
+    check_at_least(a, 0, "warmup")
+    check_model_sizes(a)
+    for s in a.seq_len:
+        check_value("--seq-len", s, 1)
+    model = bench_model(a)  # ModelConfig's checks of the sizes together
+    for layout in [parse_layout(name) for name in a.layouts or []]:
+        for s in a.seq_len:
+            check_layout(layout, model, a.batch_size, s)
+    check_data(a.data, max(a.seq_len), BENCH_TEXT_BYTES)
+    check_out(a.out)
+
+
+def check_profile(a: argparse.Namespace) -> None:
+    """Everything `meshattn profile` can refuse before its workers start: the flags, the model,
+    the layout (and whether it can run this model and batch), the text and the output folder."""
+    from ..bench.layouts import check_layout, parse_layout
+
+    check_timeout(a.timeout)
+    check_at_least(a, 1, "batch_size", "steps", "seq_len")
+    check_at_least(a, 0, "warmup")
+    check_model_sizes(a)
+    model = bench_model(argparse.Namespace(**{**vars(a), "seq_len": [a.seq_len]}))
+    check_layout(parse_layout(a.layout), model, a.batch_size, a.seq_len)
+    check_data(a.data, a.seq_len, BENCH_TEXT_BYTES)
+    check_out(a.out)
+
+
+# -- flags
+
+def flag(dest: str) -> str:
+    """The option an argparse destination comes from: batch_size -> --batch-size."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_value(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{name} {value} is too small; give {name} {minimum} or more")
+
+
+def check_at_least(a: argparse.Namespace, minimum: int, *dests: str) -> None:
+    """Refuse a count below `minimum`, naming the flag (TrainConfig names the field instead)."""
+    for dest in dests:
+        check_value(flag(dest), getattr(a, dest), minimum)
+
+
+def check_model_sizes(a: argparse.Namespace) -> None:
+    """bench and profile's --d-model ... --d-ff, where given, are positive."""
+    check_at_least(a, 1, *(d for d in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff")
+                           if getattr(a, d) is not None))
+
+
+def check_ulysses_flag(a: argparse.Namespace) -> None:
+    """--cp-impl hybrid without --ulysses-size: say which flag is missing (TrainConfig names the field)."""
+    if a.cp_impl == "hybrid" and a.ulysses_size is None:
+        raise ConfigError(f"--cp-impl hybrid needs --ulysses-size, the Ulysses group inside the --cp {a.cp} ranks; "
+                          f"give --ulysses-size among {', '.join(map(str, divisors(a.cp)))}")
+
+
+def check_lr(lr: float) -> None:
+    """argparse reads 'nan' and 'inf' as floats; neither trains anything."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr {lr} is not a usable learning rate; give a finite number > 0, e.g. --lr 3e-3")
+
+
+def check_timeout(timeout: float) -> None:
+    """A collective timeout of zero, below zero or NaN fails every collective; infinity never
+    reports a stuck one."""
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"--timeout {timeout} is not a usable number of seconds; give a finite number > 0, "
+                          "e.g. --timeout 300")
+
+
+# -- paths
+
+def check_data(data: str | None, seq_len: int, max_bytes: int) -> None:
+    """Load the text as the workers will (the same files, the same split) and refuse it unless
+    both splits are longer than seq_len+1. A file that looks binary is only warned about: it
+    trains, as bytes, if it is long enough."""
+    if data is not None and Path(data).is_file() and _binary(data):
+        warn(f"--data {data} looks like a binary file, not text; it is read as bytes all the same")
+    try:
+        Corpus.from_path(data, max_bytes=max_bytes).check(seq_len)
+    except OSError as e:
+        if e.filename is None:  # corpus.py's own message
+            raise ConfigError(str(e)) from None
+        raise ConfigError(f"--data {data}: cannot read {e.filename} ({e.strerror}); make it readable or give "
+                          "another --data") from None
+    except ValueError as e:
+        text = str(e)
+        source = f"--data {data}" if data is not None else "Python's standard library (the default --data)"
+        raise ConfigError(text if text.startswith("--data") else f"{source}: {text}") from None
+
+
+def _binary(path: str) -> bool:
+    try:
+        return looks_binary(path)
+    except OSError:
+        return False  # unreadable: check_data's loading says so
+
+
+def check_resume(resume: str, cfg: TrainConfig) -> None:
+    """Resolve and verify the checkpoint as rank 0 will (every file against its manifest, DCP's
+    metadata through the restricted unpickler), and refuse one of another model or one that
+    has nothing left to train."""
+    what = "give OUT/checkpoint of an earlier run, or one of its step-* folders"
+    if not Path(resume).exists():
+        raise ConfigError(f"--resume {resume}: no such folder; {what}")
+    try:
+        directory, meta = _open(Path(resume), cfg)
+        step = meta["step"]
+    except ConfigError as e:  # the model check names the fields that differ
+        raise ConfigError(f"--resume {resume}: {e}; train with the --preset it was saved with, or leave out "
+                          "--resume to start afresh") from None
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume {resume}: {_one_line(e)}; {what}") from None
+    if step >= cfg.steps:
+        raise ConfigError(f"--resume {resume}: the checkpoint ({directory.name}) is at step {step}, so --steps "
+                          f"{cfg.steps} leaves nothing to train; ask for more --steps than {step} to continue")
+
+
+def check_out(out: str) -> None:
+    """Create the output folder (and its parents) and prove a file can be written in it; the
+    probe is an unnamed temporary file, so nothing is left but the folder."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder path (it is created if need "
+                          "be)") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--out {out}: {_first_file(path)} is a file, so no folder can be made under it; "
+                          "choose a path under a folder") from None
+    except PermissionError:
+        raise ConfigError(f"--out {out} cannot be created or written (permission denied); choose a folder you "
+                          "can write to") from None
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created or written ({e.strerror}); choose another "
+                          "folder") from None
+
+
+def _first_file(path: Path) -> Path:
+    """The nearest ancestor of path that exists and is not a folder (what blocks mkdir)."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return path
+
+
+# -- output
+
+def warn(message: str) -> None:
+    """One warning line, from the first process only (under torchrun every process checks)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"meshattn: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message with line breaks folded, so the error stays one line."""
+    text = str(e) if not isinstance(e, KeyError) else f"meta.json lacks {e}"
+    if isinstance(e, json.JSONDecodeError):
+        text = f"unreadable JSON ({e})"
+    return " ".join(text.split())

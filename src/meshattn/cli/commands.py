@@ -1,0 +1,115 @@
+"""What each command does in the parent process: check, launch the workers, report.
+
+Bad input is refused here, before any worker starts (checks.py); what can only fail inside the
+workers comes back from the launcher as one line naming the rank and the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..config import ConfigError
+from ..launch import WorkerFailed, launch, under_torchrun
+from ..training.worker import run_training
+from .checks import check_bench, check_profile, check_train
+from .options import bench_model, config_from_args, layout_name
+
+
+def train_command(a: argparse.Namespace) -> int:
+    check_train(a)
+    cfg = config_from_args(a)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
+              f"{layout_name(cfg.parallel)}, "
+              f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
+    try:
+        launch(run_training, cfg.parallel.world_size, args=(cfg.to_dict(), not a.no_progress), env=dict(os.environ),
+               backend=a.backend, timeout_s=a.timeout)
+    except (WorkerFailed, ConfigError) as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def bench_command(a: argparse.Namespace) -> int:
+    from ..bench import default_layouts, parse_layout, run_bench
+    from ..bench.layouts import check_layout
+    from ..bench.report import native_ratios, plot, table, write_json
+
+    if under_torchrun(os.environ):
+        raise ConfigError("meshattn bench starts fresh worker processes for every layout; run it directly, "
+                          "not under torchrun")
+    check_bench(a)
+    model = bench_model(a)
+    if a.layouts:
+        layouts = [parse_layout(n) for n in a.layouts]
+        for layout in layouts:
+            for s in a.seq_len:
+                check_layout(layout, model, a.batch_size, s)
+    else:
+        layouts = default_layouts(a.world, model, a.batch_size, max(a.seq_len))
+    print(f"meshattn bench: d_model={model.d_model} heads={model.n_heads}/{model.n_kv_heads} layers={model.n_layers} "
+          f"d_ff={model.d_ff}, batch {a.batch_size}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed fwd+bwd steps; "
+          f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
+    try:
+        results = run_bench(model, layouts, a.seq_len, a.batch_size, a.warmup, a.steps, a.dtype, a.backend,
+                            a.timeout, progress=not a.no_progress, data=a.data, rounds=a.rounds)
+    except WorkerFailed as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 1
+    print(table(results))
+    for line in native_ratios(results):
+        print(line)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "meshattn bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+            "model": dataclasses.asdict(model), "cpu_count": os.cpu_count(), "torch": torch_version()}
+    write_json(results, meta, out / "bench.json")
+    written = [] if a.no_plots else plot(results, out, f"d_model {model.d_model}, batch {a.batch_size}")
+    print(f"wrote {out / 'bench.json'}" + "".join(f", {p}" for p in written), flush=True)
+    return 0
+
+
+def profile_command(a: argparse.Namespace) -> int:
+    check_profile(a)
+    from ..bench import parse_layout
+    from ..bench.layouts import check_layout, layout_to_dict
+    from ..bench.worker import profile_layout
+    a.seq_len = [a.seq_len]
+    model = bench_model(a)
+    layout = parse_layout(a.layout)
+    if a.no_overlap:
+        layout = dataclasses.replace(layout, parallel=dataclasses.replace(layout.parallel, overlap=False))
+    cfg = dataclasses.replace(check_layout(layout, model, a.batch_size, a.seq_len[0]), dtype=a.dtype, data=a.data)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} "
+          f"ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd steps of {a.batch_size}x{a.seq_len[0]} tokens",
+          flush=True)
+    try:
+        launch(profile_layout, layout.world, args=(layout_to_dict(layout), cfg.to_dict(), a.warmup, a.steps, str(out)),
+               env={}, backend=a.backend, timeout_s=a.timeout)
+    except WorkerFailed as e:
+        print(f"meshattn: error: {e}", file=sys.stderr)
+        return 1
+    s = json.loads((out / "profile.json").read_text())
+    print("rank  step ms  compute ms  comm ms  hidden  exposed comm ms  other ms  load")
+    for r, load in zip(s["ranks"], s["relative_load"]):
+        print(f"{r['rank']:>4}  {r['step_s'] * 1e3:7.1f}  {r['compute_s'] * 1e3:10.1f}  {r['comm_s'] * 1e3:7.1f}  "
+              f"{r['hidden_share']:6.0%}  {r['exposed_comm_s'] * 1e3:15.1f}  {r['other_s'] * 1e3:8.1f}  {load:4.2f}")
+    print(f"load imbalance (max-min)/mean {s['load_imbalance']:.3f}, parallel efficiency min/max {s['efficiency']:.3f}, "
+          f"slowest rank {s['slowest_rank']}")
+    print(f"wrote {out / 'profile.json'} and {layout.world} traces {out / 'trace_rank*.json'} "
+          "(open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
+    return 0
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__

@@ -1,0 +1,230 @@
+"""The training loop on every rank: resume, steps with a progress bar, periodic checkpoints,
+validation, a generated sample and the final checkpoint and metrics (rank 0 writes).
+
+Stopping on request: with `StopSignals` installed, a SIGTERM or SIGINT on any rank is recorded,
+the ranks agree after each step (one tiny all-reduce) and all of them stop after the same step,
+write a checkpoint as --save-every does, and raise `Stopped`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..comm import all_reduce_
+from ..config import ConfigError, TrainConfig
+from ..launch import STOP_SIGNALS, Stopped, signal_name
+from ..mesh import ParallelDims, current_device
+from ..parallel import ParallelModel
+from . import checkpoint
+from .corpus import Corpus
+from .generate import generate
+from .scaler import LossScaler
+from .step import NonFiniteError, autocast, build_model, make_optimizer, train_step
+
+
+def check_same_config(cfg: TrainConfig) -> None:
+    """Every rank must run the same configuration: compare fingerprints with one small collective
+    before any training collective, and name the fields that differ."""
+    mine = (cfg.fingerprint(), cfg.to_dict())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    odd = [r for r, (fp, _) in enumerate(everyone) if fp != everyone[0][0]]
+    if odd:
+        first, other = _flatten(everyone[0][1]), _flatten(everyone[odd[0]][1])
+        fields = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        raise ConfigError(f"ranks disagree on the configuration: rank(s) {odd} differ from rank 0 in "
+                          + ", ".join(f"{k} ({first.get(k)!r} vs {other.get(k)!r})" for k in fields))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    first_step: int = 0
+    val_loss: float | None = None
+    sample: str = ""
+    checkpoint: str | None = None
+    tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 0.0 if not self.step_times else self.tokens / sum(self.step_times)
+
+
+@torch.no_grad()
+def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: int = 4) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for i in range(batches):
+        ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
+        ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
+        with autocast(cfg, device):
+            _, loss = model.local(ids, targets)
+        total += loss.double()
+    model.train()
+    batch = model.axes.batch
+    return all_reduce_(total / (batches * batch.size), batch, "step").item()  # (1,) mean over dp x cp
+
+
+def _nonfinite(step: int, loss: float, norm: float, cfg: TrainConfig, scaler: LossScaler | None,
+               result: TrainResult, where: str = "") -> None:
+    """A step whose loss or gradient norm was not finite (no optimizer step was taken): with a
+    loss scaler an overflow just lowers the scale; otherwise stop (or skip, by option)."""
+    if scaler is not None and math.isfinite(loss) and not scaler.exhausted:
+        return  # fp16 overflow: the scaler halved its scale, the step was skipped
+    result.skipped_steps.append(step)
+    what = f"step {step}: loss {loss}, global gradient norm {norm}; the optimizer step was not taken on any rank"
+    if where:
+        what += f" ({where})"
+    if scaler is not None and scaler.exhausted:
+        what += f" (the fp16 loss scale fell to {scaler.scale:g})"
+    if cfg.nonfinite == "stop":
+        raise NonFiniteError(what + ". Lower --lr, train in float32 or bfloat16, or pass --on-nonfinite skip")
+    if dist.get_rank() == 0:
+        print(f"meshattn: warning: {what}; skipped (--on-nonfinite skip)", flush=True)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT on this rank, caught while training (a context manager).
+
+    The handler only records the first signal: the step in progress and any collective in it
+    finish, and the loop reads `signum` between steps. Another signal more than REPEAT_S later
+    ends this process at once with the signal's default action (the last complete checkpoint
+    stays: saving is atomic). Copies of one signal that arrive together (a terminal's Ctrl-C,
+    or a scheduler's SIGTERM reaching every process, and the launcher passing it on) count once.
+    """
+
+    REPEAT_S = 1.0
+
+    def __init__(self):
+        self.signum = 0
+        self._first_at = 0.0
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.REPEAT_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def agreed_stop(stop: StopSignals | None) -> int:
+    """The signal any rank has caught (0: none), the same on every rank: one all-reduce (MAX) of
+    one int over the world group, outside meshattn's byte counter (it is no model traffic)."""
+    if stop is None:
+        return 0
+    flag = torch.tensor([stop.signum], dtype=torch.int32, device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _write_metrics(out: Path, start: int, result: TrainResult, cfg: TrainConfig, **extra) -> None:
+    metrics = {"first_step": start, "losses": result.losses, "grad_norms": result.grad_norms,
+               "skipped_steps": result.skipped_steps, "val_loss": result.val_loss,
+               "step_times": result.step_times, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
+               "config": cfg.to_dict(), **extra}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def train(cfg: TrainConfig, dims: ParallelDims, progress: bool = True, prompt: str = "def ",
+          stop: StopSignals | None = None) -> TrainResult:
+    """Train from scratch (or from --resume) on every rank; rank 0 shows a progress bar and writes
+    the outputs. With `stop` (every rank passes one, or none does), a signal caught on any rank
+    stops every rank after the same step: checkpoint, metrics so far, then `Stopped` is raised."""
+    rank0 = dist.get_rank() == 0
+    check_same_config(cfg)
+    corpus = Corpus.from_path(cfg.data)
+    corpus.check(cfg.seq_len)
+    model = build_model(cfg, dims)
+    opt = make_optimizer(model, cfg)
+    scaler = LossScaler() if cfg.dtype == "float16" else None
+    result = TrainResult()
+    out = Path(cfg.out)
+    start = 0
+    if cfg.resume:
+        meta = checkpoint.load(model, opt, cfg, Path(cfg.resume))
+        start = meta["step"]
+        if scaler is not None and "scaler" in meta["extra"]:
+            scaler.load_state_dict(meta["extra"]["scaler"])
+        if start >= cfg.steps:
+            raise ConfigError(f"the checkpoint is at step {start}; ask for more --steps than that to continue")
+    result.first_step = start
+
+    def save(step: int) -> Path:
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        return checkpoint.save(model, opt, cfg, step, out / "checkpoint", extra)
+
+    bar = None
+    if progress and rank0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            report: dict = {}
+            loss, norm = train_step(model, opt, corpus, step, cfg, scaler, report)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                _nonfinite(step, loss, norm, cfg, scaler, result, report.get("where", ""))
+            result.step_times.append(time.perf_counter() - t0)
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            result.tokens += tokens_per_step
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / result.step_times[-1]:,.0f}")
+                bar.update(1)
+            last = step + 1 == cfg.steps  # the end of the run saves anyway
+            saved = save(step + 1) if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last else None
+            signum = 0 if last else agreed_stop(stop)
+            if signum:
+                _stop(signum, step + 1, saved or save(step + 1), out, start, result, cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.val_loss = evaluate(model, corpus, cfg)
+    if cfg.sample_tokens > 0:
+        result.sample = generate(model, prompt, cfg.sample_tokens, seed=cfg.seed)
+    path = save(cfg.steps)
+    if rank0:
+        result.checkpoint = str(path)
+        _write_metrics(out, start, result, cfg)
+    return result
+
+
+def _stop(signum: int, step: int, path: Path, out: Path, start: int, result: TrainResult, cfg: TrainConfig) -> None:
+    """After the checkpoint of `step` is complete on every rank: rank 0 writes the metrics so far,
+    every rank waits for that, then raises the one line that says where to continue from."""
+    if dist.get_rank() == 0:
+        _write_metrics(out, start, result, cfg, stopped_by=signal_name(signum), stopped_after=step)
+    dist.barrier()  # nobody exits (and so ends the launcher's wait) while rank 0 still writes
+    raise Stopped(f"stopped by {signal_name(signum)} after step {step}; checkpoint at {path}; "
+                  f"continue with --resume {out / 'checkpoint'}", signum, str(path))

@@ -1,0 +1,150 @@
+"""One optimizer step and its health checks: the seeded global batch, gradient accumulation,
+the global gradient norm (equal to the reference model's), clipping, non-finite detection and
+fp16 loss scaling. Runs on every rank; every decision is the same on every rank.
+
+The global batch at each step is fixed by (seed, step) and split over dp; tp ranks of one
+replica see the same rows. The reported loss is the global mean (averaged over dp x cp), not
+rank 0's local value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..comm import CommCounter, all_reduce_
+from ..config import DType, TrainConfig
+from ..mesh import ParallelDims, current_device
+from ..model import Transformer
+from ..parallel import ParallelModel, parallelize
+from .corpus import Corpus
+from .scaler import LossScaler
+
+# Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
+# forward under autocast, with softmax statistics, merges and the loss in fp32.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32, "float16": torch.float32}
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if DType(cfg.dtype).autocast:
+        return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: TrainConfig, dims: ParallelDims, counter: CommCounter | None = None) -> ParallelModel:
+    """Every rank builds the same seeded reference model and keeps its own slices of it."""
+    torch.manual_seed(cfg.seed)
+    ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
+    return parallelize(ref, dims, counter, cfg.checkpoint)
+
+
+def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (embeddings and linear weights), as nanoGPT does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def grad_norm(model: ParallelModel) -> torch.Tensor:
+    """The global L2 norm of the gradient, equal to the reference model's.
+
+    A parameter split into `parts` over tp ranks appears tp/parts times across the tp group, so
+    each rank weights its local sum of squares by parts/tp before the sum over tp.
+    """
+    tp = model.axes.tp
+    total = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)  # (1,)
+    seen = set()
+    for _, p, shard in model.named_shards():
+        if p.grad is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.grad.double().pow(2).sum() * (shard.parts / tp.size)
+    return all_reduce_(total, tp, "step").sqrt()[0]  # (1,) summed over tp
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm: raised on every rank at the same step."""
+
+
+def clip_grads(model: ParallelModel, max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+    norm = grad_norm(model) if norm is None else norm
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+def locate_nonfinite(model: ParallelModel, loss_finite: bool) -> str:
+    """Where a non-finite step showed first, the same text on every rank (one all_gather_object,
+    only on this path): the ranks whose own loss was not finite, else the ranks and parameters
+    whose gradients (after the data-parallel average, before the tp-wide norm) were not finite."""
+    bad = sorted({shard.name for _, p, shard in model.named_shards()
+                  if p.grad is not None and not torch.isfinite(p.grad).all()})
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (loss_finite, bad))
+    losses = [r for r, (ok, _) in enumerate(seen) if not ok]
+    if losses:
+        return f"first seen in the loss on rank(s) {losses}"
+    grads = {r: names for r, (_, names) in enumerate(seen) if names}
+    if not grads:
+        return "first seen in the gradient norm (every gradient finite on its own rank)"
+    names = sorted({n for ns in grads.values() for n in ns})
+    return (f"first seen in the gradients of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} on rank(s) "
+            f"{sorted(grads)}; the loss was finite on every rank")
+
+
+def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, step: int,
+               cfg: TrainConfig, scaler: LossScaler | None = None, report: dict | None = None) -> tuple[float, float]:
+    """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm).
+
+    The global gradient norm (identical on every rank: gradients are averaged over dp x cp and
+    the norm summed over tp) is checked before the optimizer step: if it is not finite, every
+    rank skips the step together and the returned norm says so (nan or inf). With a loss scaler
+    (float16) the loss is scaled before backward and the gradients unscaled before the step."""
+    ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
+    model.check_token_ids(ids)  # on the global batch, before sharding: every rank agrees
+    device = next(model.parameters()).device
+    ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    micro_ids, micro_targets = ids.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)
+    for i, (x, y) in enumerate(zip(micro_ids, micro_targets)):
+        with model.no_sync(skip=i < cfg.grad_accum - 1):
+            with autocast(cfg, device):
+                _, loss = model(x, y)
+            (loss * ((scaler.scale if scaler else 1.0) / cfg.grad_accum)).backward()
+        loss_sum += loss.detach().double()
+    norm = grad_norm(model)  # (,) global; the scaled norm under a loss scaler
+    if torch.isfinite(norm):
+        if scaler is not None:
+            scaler.unscale_(model.parameters())
+            norm = norm / scaler.scale
+            scaler.update(True)
+        clip_grads(model, cfg.grad_clip, norm)
+        opt.step()
+    else:  # the same decision on every rank: no optimizer step
+        if report is not None:
+            report["where"] = locate_nonfinite(model, bool(torch.isfinite(loss_sum).all()))
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update(False)
+    batch = model.axes.batch
+    mean = all_reduce_(loss_sum / (cfg.grad_accum * batch.size), batch, "step")  # (1,) mean over dp x cp
+    return mean.item(), norm.item()

@@ -1,0 +1,22 @@
+"""The body of every rank of `meshattn train` (module level, so spawned workers can import it)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..config import TrainConfig
+from ..mesh import ParallelDims
+from .loop import train
+
+
+def run_training(cfg_dict: dict, progress: bool) -> None:
+    cfg = TrainConfig.from_dict(cfg_dict)
+    result = train(cfg, ParallelDims(cfg.parallel), progress=progress)
+    if dist.get_rank() == 0:
+        first, last = result.losses[0], result.losses[-1]
+        print(f"loss {first:.3f} -> {last:.3f} over {len(result.losses)} steps; "
+              f"validation loss {result.val_loss:.3f}; {result.tokens_per_s:,.0f} tokens/s; "
+              f"median step {sorted(result.step_times)[len(result.step_times) // 2] * 1e3:.0f} ms", flush=True)
+        if result.sample:
+            print("sample:\n" + "-" * 60 + f"\ndef {result.sample}\n" + "-" * 60, flush=True)
+        print(f"checkpoint: {result.checkpoint}", flush=True)
