@@ -82,16 +82,24 @@ class Pool:
                                  f" rank {first}:\n{detail}")
         return [out[r] for r in range(self.world)]
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask every worker to leave (they tear their group down together)."""
         for q in self.jobs:
             try:
                 q.put(None)
             except (ValueError, OSError):
                 pass
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the workers until `deadline` (monotonic), then kill what is left."""
         for p in self.procs:
-            p.join(timeout=5 if not self.broken else 0.1)
+            p.join(timeout=max(deadline - time.monotonic(), 0.0) if not self.broken else 0.1)
             if p.is_alive():
                 p.kill()
+
+    def close(self) -> None:
+        self.stop()
+        self.reap(time.monotonic() + 5)
 
 
 class Pools:
@@ -109,8 +117,13 @@ class Pools:
         return pool.run(fn, **kwargs)
 
     def close(self) -> None:
+        """Stop every pool at once, then give them one shared 2 s to leave (they are daemons
+        holding nothing worth a graceful exit)."""
         for pool in self.pools.values():
-            pool.close()
+            pool.stop()
+        deadline = time.monotonic() + 2
+        for pool in self.pools.values():
+            pool.reap(deadline)
 
 
 # -- helpers for code running inside the workers ---------------------------------------------

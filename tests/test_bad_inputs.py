@@ -184,7 +184,8 @@ CASES = [
     (["train", "--save-every", "-1"], "--save-every -1 is too small; give --save-every 0 or more"),
     # train: the layout
     (["train", "--tp", "3"], "n_heads=4 is not divisible by tp=3; legal tp sizes: 1, 2, 4"),
-    (["train", "--dp", "2", "--batch-size", "3"], "use a batch size that is a multiple of 2"),
+    (["train", "--dp", "2", "--batch-size", "3"],
+     "batch_size=3 is not divisible by dp*grad_accum=2*1; use a batch size that is a multiple of 2"),
     (["train", "--seq-len", "4096"], "seq_len=4096 exceeds the model's max_seq_len=256; lower --seq-len"),
     (["train", "--cp", "2", "--cp-impl", "hybrid"], "--cp-impl hybrid needs --ulysses-size, the Ulysses group"),
     (["train", "--preset", "bogus"], "argument --preset: invalid choice: 'bogus'"),

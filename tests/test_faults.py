@@ -103,6 +103,10 @@ def test_sigkill_of_one_rank_ends_the_training_command(tmp_path, launcher):
     assert code != 0 and elapsed < 30, (code, elapsed)
     assert re.search(message, text), text[-2000:]
     assert not [p for p in everyone if _alive(p)], "processes of the job remain"
+    if launcher == "meshattn":  # one line; the other ranks' tracebacks, if they had any, in OUT/logs
+        assert code == 1 and "Traceback" not in text, text[-3000:]
+        logs = re.search(r"tracebacks of rank\(s\) \[[\d, ]+\] in (\S+)$", text, re.M)
+        assert not logs or all("Traceback" in f.read_text() for f in Path(logs.group(1)).glob("rank*.log"))
     print(f"{launcher}: SIGKILL of rank 2, the command exited with {code} after {elapsed:.1f} s")  # for RELIABILITY.md
 
 
@@ -112,11 +116,14 @@ def _stall_rank_one() -> None:
     dist.all_reduce(torch.ones(1))
 
 
-def test_a_stalled_rank_times_out_every_other_rank():
+def test_a_stalled_rank_times_out_every_other_rank(tmp_path):
     timeout = 5.0
     t0 = time.monotonic()
-    with pytest.raises(WorkerFailed, match=r"(?i)rank [02] failed first(.|\n)*timed out"):
-        launch(_stall_rank_one, 3, env={}, timeout_s=timeout)
+    with pytest.raises(WorkerFailed, match=r"(?i)^rank [02] failed first: \w+: [^\n]*timed out[^\n]*; "
+                                           r"full traceback in \S+$") as failed:
+        launch(_stall_rank_one, 3, env={}, timeout_s=timeout, log_dir=tmp_path / "logs")
     elapsed = time.monotonic() - t0
     assert elapsed < timeout + 20
+    log = Path(str(failed.value).rsplit(" ", 1)[1])
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "Timed out" in log.read_text()
     print(f"stalled rank 1, timeout {timeout:.0f} s: the job ended after {elapsed:.1f} s")  # for RELIABILITY.md

@@ -136,7 +136,10 @@ def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, 
 
 
 def _write_report(report_dir: str, rank: int, **fields) -> None:
-    Path(report_dir, f"{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(), **fields}))
+    """Written whole, then renamed into place: once the launcher sees it, the rank may be killed."""
+    tmp = Path(report_dir, f".{rank}.tmp")
+    tmp.write_text(json.dumps({"rank": rank, "time": time.time(), **fields}))
+    tmp.replace(Path(report_dir, f"{rank}.json"))
 
 
 def _summary(e: BaseException) -> str:
@@ -147,11 +150,15 @@ def _summary(e: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", first)
 
 
-def _write_logs(tracebacks: dict[int, str], log_dir: Path | str | None) -> dict[int, Path]:
+def _write_logs(tracebacks: dict[int, str], log_dir: Path | str | None, replace: bool = False) -> dict[int, Path]:
     """Each rank's traceback in `log_dir/rank<R>.log`; without a log_dir, in a fresh temporary
-    folder that is kept (its name goes into the one-line message)."""
+    folder that is kept (its name goes into the one-line message). `replace`: first remove the
+    rank logs of an earlier run (the launcher writes every rank's; under torchrun each rank
+    writes its own and leaves the others')."""
     folder = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="meshattn-logs-"))
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("rank*.log") if replace else []:
+        old.unlink()
     paths = {}
     for rank, text in tracebacks.items():
         paths[rank] = folder / f"rank{rank}.log"
@@ -238,7 +245,7 @@ def _spawn_and_join(fn: Callable, world: int, args: tuple, backend: str | None, 
         ctx = mp.start_processes(_worker, args=(world, os.getpid(), report_dir, init_method, backend, timeout_s, fn,
                                                 args), nprocs=world, join=False, start_method="spawn")
         procs = ctx.processes
-        first = _wait(procs, forwarder)
+        first = _wait(procs, forwarder, report_dir)
     finally:
         forwarder.restore()
         _signal_all(procs, signal.SIGKILL)  # left only if the launcher itself was interrupted
@@ -249,20 +256,22 @@ def _spawn_and_join(fn: Callable, world: int, args: tuple, backend: str | None, 
         raise outcome
 
 
-def _wait(procs: list, forwarder: _Forwarder) -> int | None:
+def _wait(procs: list, forwarder: _Forwarder, report_dir: str) -> int | None:
     """Wait until every worker has exited; returns the rank that failed first (None: none did).
-    After a failure the others get FAIL_GRACE_S to fail by themselves (a closed connection), then
-    they are killed; SIGTERM is not used for that, as it asks a training worker to save."""
+    After a failure the others get FAIL_GRACE_S to fail by themselves (a closed connection) and
+    report why; then, or once every one left has reported, they are killed. SIGTERM is not used
+    for that, as it asks a training worker to save."""
     live = {p.sentinel: rank for rank, p in enumerate(procs)}
     first, failed_at = None, 0.0
     while live:
         forwarder.act(procs)
-        for sentinel in multiprocessing.connection.wait(list(live), timeout=0.25):
+        for sentinel in multiprocessing.connection.wait(list(live), timeout=0.1 if first is not None else 0.25):
             rank = live.pop(sentinel)
             procs[rank].join()
             if procs[rank].exitcode != 0 and first is None:
                 first, failed_at = rank, time.monotonic()
-        if first is not None and time.monotonic() - failed_at > FAIL_GRACE_S:
+        if first is not None and (time.monotonic() - failed_at > FAIL_GRACE_S
+                                  or all(Path(report_dir, f"{r}.json").exists() for r in live.values())):
             _signal_all(procs, signal.SIGKILL)
     return first
 
@@ -273,14 +282,15 @@ def _outcome(procs: list, first: int | None, forwarder: _Forwarder, report_dir: 
     reports = [json.loads(f.read_text()) for f in sorted(Path(report_dir).glob("*.json"))]
     stops = sorted((r for r in reports if "stopped" in r), key=lambda r: r["rank"])
     failures = [r for r in reports if "stopped" not in r]
-    if forwarder.killed:
-        why = "a second signal" if forwarder.repeated else f"no stop within {forwarder.grace_s:.0f} s"
-        return Stopped(f"stopped by {signal_name(forwarder.signum)}; the workers were killed at once ({why}), "
-                       "so no checkpoint was written after the last complete one", forwarder.signum)
-    if stops:  # the workers agreed on a step, saved and reported the same line
+    if stops:  # the workers agreed on a step, saved and reported the same line (a kill may have come after)
         return Stopped(stops[0]["stopped"], stops[0]["signum"], stops[0].get("checkpoint"))
+    if forwarder.killed:
+        how = ("a second signal killed the workers at once" if forwarder.repeated else
+               f"the workers had not stopped within {forwarder.grace_s:.0f} s and were killed")
+        return Stopped(f"stopped by {signal_name(forwarder.signum)}; {how}, so no checkpoint was written after the "
+                       "last complete one", forwarder.signum)
     if forwarder.signum and (first is not None or failures):
-        return Stopped(f"stopped by {signal_name(forwarder.signum)} before the workers could save a checkpoint",
+        return Stopped(f"stopped by {signal_name(forwarder.signum)}; the workers exited before saving",
                        forwarder.signum)
     if first is None and not failures:
         return None
@@ -289,17 +299,19 @@ def _outcome(procs: list, first: int | None, forwarder: _Forwarder, report_dir: 
 
 def _failure(procs: list, first: int | None, failures: list[dict], log_dir: Path | str | None) -> WorkerFailed:
     """One line naming the cause: a rank killed from outside (whatever the others reported, as
-    they fail on its closed connection), else the rank whose report is earliest."""
-    logs = _write_logs({r["rank"]: r["error"] for r in failures}, log_dir) if failures else {}
-    details = "\n".join(f"rank {r}:\n{logs[r].read_text()}" for r in sorted(logs))
-    where = f"; tracebacks in {next(iter(logs.values())).parent}" if logs else ""
+    they fail on its closed connection), else the rank whose report is earliest. Every failed
+    rank's traceback goes to its log file, the earliest first in `details`."""
+    failures = sorted(failures, key=lambda r: r["time"])
+    logs = _write_logs({r["rank"]: r["error"] for r in failures}, log_dir, replace=True) if failures else {}
+    details = "\n".join(f"rank {r['rank']}:\n{r['error']}" for r in failures)
     if first is not None and procs[first].exitcode < 0:
+        where = f"; tracebacks of rank(s) {sorted(logs)} in {next(iter(logs.values())).parent}" if logs else ""
         return WorkerFailed(f"rank {first} was killed by {signal_name(-procs[first].exitcode)}; "
                             f"the other ranks were stopped{where}", details)
     if failures:
-        head = min(failures, key=lambda r: r["time"])
-        later = sorted(r["rank"] for r in failures if r is not head)
+        head, later = failures[0], sorted(r["rank"] for r in failures[1:])
         also = f" (then rank(s) {later} failed too)" if later else ""
-        return WorkerFailed(f"rank {head['rank']} failed first: {head['type']}: {head['summary']}{also}; "
-                            f"the other ranks were stopped; full traceback in {logs[head['rank']]}", details)
+        rest = "; the other ranks were stopped" if len(failures) < len(procs) else ""
+        return WorkerFailed(f"rank {head['rank']} failed first: {head['type']}: {head['summary']}{also}{rest}; "
+                            f"full traceback in {logs[head['rank']]}", details)
     return WorkerFailed(f"rank {first} exited with code {procs[first].exitcode}; the other ranks were stopped")

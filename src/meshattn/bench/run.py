@@ -25,12 +25,13 @@ from ..parallel.layout import causal_work, imbalance
 from .layouts import Layout, check_layout, layout_to_dict, parse_layout
 
 
-def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float) -> list:
+def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float,
+            log_dir: Path | None) -> list:
     from .worker import measure
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         launch(measure, layout.world, args=(layout_to_dict(layout), cfg_dict, warmup, steps, f.name),
-            env={}, backend=backend, timeout_s=timeout_s)
+               env={}, backend=backend, timeout_s=timeout_s, log_dir=log_dir)
         return json.loads(Path(f.name).read_text())
 
 
@@ -100,9 +101,11 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
 
 def run_bench(model: ModelConfig, layouts: list[Layout], seq_lens: list[int], batch_size: int, warmup: int,
               steps: int, dtype: str = "float32", backend: str | None = None, timeout_s: float = 300.0,
-              progress: bool = True, data: str | None = None, rounds: int = 1) -> list[dict]:
+              progress: bool = True, data: str | None = None, rounds: int = 1,
+              log_dir: Path | None = None) -> list[dict]:
     """Every (sequence length, layout) in fresh workers, `rounds` times over (alternating, so a
-    drift in the machine's load hits every layout alike)."""
+    drift in the machine's load hits every layout alike). A failed layout's tracebacks go to
+    log_dir (see launch)."""
     from tqdm import tqdm
 
     jobs = [(s, layout) for s in seq_lens for layout in layouts]
@@ -118,7 +121,7 @@ def run_bench(model: ModelConfig, layouts: list[Layout], seq_lens: list[int], ba
             except ConfigError as e:
                 results.append({"layout": layout.name, "seq_len": seq_len, "skipped": str(e)})
             else:
-                rows = _launch(layout, cfg.to_dict(), warmup, steps, backend, timeout_s)
+                rows = _launch(layout, cfg.to_dict(), warmup, steps, backend, timeout_s, log_dir)
                 results.append(summarize(layout, seq_len, batch_size, rows))
             bar.update()
         add_comparisons(results)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig, divisors
-from ..training.checkpoint import CheckpointError, _open
+from ..training.checkpoint import CheckpointError, open_verified
 from ..training.corpus import Corpus, looks_binary
 from .options import bench_model, config_from_args
 
@@ -161,7 +161,7 @@ def check_resume(resume: str, cfg: TrainConfig) -> None:
     if not Path(resume).exists():
         raise ConfigError(f"--resume {resume}: no such folder; {what}")
     try:
-        directory, meta = _open(Path(resume), cfg)
+        directory, meta = open_verified(Path(resume), cfg)
         step = meta["step"]
     except ConfigError as e:  # the model check names the fields that differ
         raise ConfigError(f"--resume {resume}: {e}; train with the --preset it was saved with, or leave out "

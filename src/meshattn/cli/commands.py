@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..launch import WorkerFailed, launch, under_torchrun
+from ..launch import Stopped, WorkerFailed, launch, under_torchrun
 from ..training.worker import run_training
 from .checks import check_bench, check_profile, check_train
 from .options import bench_model, config_from_args, layout_name
@@ -29,28 +29,25 @@ def train_command(a: argparse.Namespace) -> int:
               f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
     try:
         launch(run_training, cfg.parallel.world_size, args=(cfg.to_dict(), not a.no_progress), env=dict(os.environ),
-               backend=a.backend, timeout_s=a.timeout)
+               backend=a.backend, timeout_s=a.timeout, log_dir=Path(a.out) / "logs")
+    except Stopped as e:
+        return _report_stop(e, Path(a.out) / "checkpoint")
     except (WorkerFailed, ConfigError) as e:
-        print(f"meshattn: error: {e}", file=sys.stderr)
-        return 1
+        return _report_failure(e, a.verbose)
     return 0
 
 
 def bench_command(a: argparse.Namespace) -> int:
     from ..bench import default_layouts, parse_layout, run_bench
-    from ..bench.layouts import check_layout
     from ..bench.report import native_ratios, plot, table, write_json
 
     if under_torchrun(os.environ):
         raise ConfigError("meshattn bench starts fresh worker processes for every layout; run it directly, "
                           "not under torchrun")
-    check_bench(a)
+    check_bench(a)  # the layouts asked for included
     model = bench_model(a)
     if a.layouts:
         layouts = [parse_layout(n) for n in a.layouts]
-        for layout in layouts:
-            for s in a.seq_len:
-                check_layout(layout, model, a.batch_size, s)
     else:
         layouts = default_layouts(a.world, model, a.batch_size, max(a.seq_len))
     print(f"meshattn bench: d_model={model.d_model} heads={model.n_heads}/{model.n_kv_heads} layers={model.n_layers} "
@@ -58,10 +55,12 @@ def bench_command(a: argparse.Namespace) -> int:
           f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
     try:
         results = run_bench(model, layouts, a.seq_len, a.batch_size, a.warmup, a.steps, a.dtype, a.backend,
-                            a.timeout, progress=not a.no_progress, data=a.data, rounds=a.rounds)
+                            a.timeout, progress=not a.no_progress, data=a.data, rounds=a.rounds,
+                            log_dir=Path(a.out) / "logs")
+    except Stopped as e:
+        return _report_stop(e)
     except WorkerFailed as e:
-        print(f"meshattn: error: {e}", file=sys.stderr)
-        return 1
+        return _report_failure(e, a.verbose)
     print(table(results))
     for line in native_ratios(results):
         print(line)
@@ -93,10 +92,11 @@ def profile_command(a: argparse.Namespace) -> int:
           flush=True)
     try:
         launch(profile_layout, layout.world, args=(layout_to_dict(layout), cfg.to_dict(), a.warmup, a.steps, str(out)),
-               env={}, backend=a.backend, timeout_s=a.timeout)
+               env={}, backend=a.backend, timeout_s=a.timeout, log_dir=out / "logs")
+    except Stopped as e:
+        return _report_stop(e)
     except WorkerFailed as e:
-        print(f"meshattn: error: {e}", file=sys.stderr)
-        return 1
+        return _report_failure(e, a.verbose)
     s = json.loads((out / "profile.json").read_text())
     print("rank  step ms  compute ms  comm ms  hidden  exposed comm ms  other ms  load")
     for r, load in zip(s["ranks"], s["relative_load"]):
@@ -107,6 +107,31 @@ def profile_command(a: argparse.Namespace) -> int:
     print(f"wrote {out / 'profile.json'} and {layout.world} traces {out / 'trace_rank*.json'} "
           "(open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
     return 0
+
+
+def _report_failure(e: Exception, verbose: bool) -> int:
+    """A failure inside the workers: its one line (after every failed rank's traceback, with
+    --verbose); exit status 1."""
+    details = getattr(e, "details", "")
+    if verbose and details:
+        print(details, file=sys.stderr)
+    print(f"meshattn: error: {e}", file=sys.stderr)
+    return 1
+
+
+def _report_stop(e: Stopped, checkpoints: Path | None = None) -> int:
+    """A job stopped by SIGTERM/SIGINT: one line (from rank 0 only under torchrun); exit status
+    128 + the signal's number. If the workers did not get to save, name the last complete
+    checkpoint under `checkpoints`, if there is one."""
+    line = f"meshattn: {e}"
+    if e.checkpoint is None:  # the workers did not stop by themselves: a progress bar may be left open
+        line = "\n" + line
+        if checkpoints is not None and (checkpoints / "latest").is_file():
+            last = checkpoints / (checkpoints / "latest").read_text().strip()
+            line += f"; the last complete checkpoint is {last}; continue with --resume {checkpoints}"
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    return e.exit_code
 
 
 def torch_version() -> str:

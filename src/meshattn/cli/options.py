@@ -56,6 +56,8 @@ def _train_parser(sub) -> None:
                    help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint and metrics")
+    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
+                   "rank's full traceback (always written to the log file the error line names)")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
     p.add_argument("--save-every", type=int, default=d.save_every,
                    help="write a checkpoint every N steps under OUT/checkpoint (0: only at the end)")
@@ -81,6 +83,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times, alternating; report medians (the machine's load drifts)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the PNG plots")
+    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
+                   "rank's full traceback (always written to the log file the error line names)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -112,6 +116,8 @@ def _profile_parser(sub) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
     p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces and profile.json")
+    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
+                   "rank's full traceback (always written to the log file the error line names)")
     p.add_argument("--no-progress", action="store_true", help="accepted like train's and bench's (profile shows "
                                                               "no progress bar)")
 

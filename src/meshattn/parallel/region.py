@@ -19,14 +19,8 @@ from ..comm import (Axis, all_gather_raw, all_gather_start, all_reduce_start, co
 
 
 class Region:
-    """Entry and exit of a tensor-parallel region, and replicated parameters used beside it.
-
-    Without sequence parallelism activations between regions are replicated: the entry is
-    identity forward / all-reduce backward (fused with the column-parallel matmul that follows),
-    the exit an all-reduce forward. With it they are sequence shards (dim 1): the entry is an
-    all-gather, the exit a reduce-scatter, and replicated parameters that touch the shards (norms,
-    biases after the exit, positions) have their gradients summed over tp.
-    """
+    """Entry and exit of a tensor-parallel region on one tp axis (see the module doc), and the
+    replicated parameters used beside it."""
 
     def __init__(self, axis: Axis, sequence_parallel: bool, overlap: bool = True):
         self.axis, self.sp, self.overlap = axis, sequence_parallel and axis.size > 1, overlap

@@ -180,7 +180,7 @@ def save(model: ParallelModel, opt: torch.optim.Optimizer, cfg: TrainConfig, ste
     return final
 
 
-def _open(path: Path, cfg: TrainConfig | None = None) -> tuple[Path, dict]:
+def open_verified(path: Path, cfg: TrainConfig | None = None) -> tuple[Path, dict]:
     """The verified checkpoint directory behind `path` and its meta; with cfg, refuse another model."""
     directory = resolve(path)
     verify(directory)
@@ -225,7 +225,7 @@ def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConf
     box = [None, None, None]  # error, directory, meta
     if dist.get_rank() == 0:
         try:
-            directory, meta = _open(path, cfg)
+            directory, meta = open_verified(path, cfg)
             box = [None, str(directory), meta]
         except (CheckpointError, OSError, ValueError) as e:
             box = [str(e), None, None]
@@ -265,7 +265,7 @@ def _check_model(meta: dict, cfg: TrainConfig) -> None:
 def load_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The single-device model's state dict and the meta from a checkpoint, in one process with
     no process group (for inference or export), verified first."""
-    directory, meta = _open(path)
+    directory, meta = open_verified(path)
     from ..config import ModelConfig
     from ..model import Transformer
 

@@ -1,17 +1,16 @@
 """The training loop on every rank: resume, steps with a progress bar, periodic checkpoints,
 validation, a generated sample and the final checkpoint and metrics (rank 0 writes).
 
-Stopping on request: with `StopSignals` installed, a SIGTERM or SIGINT on any rank is recorded,
-the ranks agree after each step (one tiny all-reduce) and all of them stop after the same step,
-write a checkpoint as --save-every does, and raise `Stopped`.
+Stopping on request (preempt.py): after each step the ranks agree whether any of them caught a
+SIGTERM or SIGINT; if so all of them stop after that step, write a checkpoint as --save-every
+does, and raise `Stopped`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,13 @@ import torch.distributed as dist
 
 from ..comm import all_reduce_
 from ..config import ConfigError, TrainConfig
-from ..launch import STOP_SIGNALS, Stopped, signal_name
-from ..mesh import ParallelDims, current_device
+from ..launch import Stopped, signal_name
+from ..mesh import ParallelDims
 from ..parallel import ParallelModel
 from . import checkpoint
 from .corpus import Corpus
 from .generate import generate
+from .preempt import StopSignals, agreed_stop
 from .scaler import LossScaler
 from .step import NonFiniteError, autocast, build_model, make_optimizer, train_step
 
@@ -103,50 +103,20 @@ def _nonfinite(step: int, loss: float, norm: float, cfg: TrainConfig, scaler: Lo
         print(f"meshattn: warning: {what}; skipped (--on-nonfinite skip)", flush=True)
 
 
-class StopSignals:
-    """SIGTERM and SIGINT on this rank, caught while training (a context manager).
+def _progress_bar(total: int, initial: int):
+    """Rank 0's progress bar. Its lock is a thread lock: tqdm's default one holds a named semaphore,
+    which a worker killed at once (a second signal) would leak, and the launcher's resource
+    tracker would warn about it at exit."""
+    from tqdm import tqdm
 
-    The handler only records the first signal: the step in progress and any collective in it
-    finish, and the loop reads `signum` between steps. Another signal more than REPEAT_S later
-    ends this process at once with the signal's default action (the last complete checkpoint
-    stays: saving is atomic). Copies of one signal that arrive together (a terminal's Ctrl-C,
-    or a scheduler's SIGTERM reaching every process, and the launcher passing it on) count once.
-    """
+    class Bar(tqdm):
+        _lock = threading.RLock()
 
-    REPEAT_S = 1.0
-
-    def __init__(self):
-        self.signum = 0
-        self._first_at = 0.0
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.signum:
-            self.signum, self._first_at = signum, time.monotonic()
-        elif time.monotonic() - self._first_at > self.REPEAT_S:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-
-def agreed_stop(stop: StopSignals | None) -> int:
-    """The signal any rank has caught (0: none), the same on every rank: one all-reduce (MAX) of
-    one int over the world group, outside meshattn's byte counter (it is no model traffic)."""
-    if stop is None:
-        return 0
-    flag = torch.tensor([stop.signum], dtype=torch.int32, device=current_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    return Bar(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _write_metrics(out: Path, start: int, result: TrainResult, cfg: TrainConfig, **extra) -> None:
+    """OUT/metrics.json (rank 0): the steps run so far, at the end of a run or when it stops."""
     metrics = {"first_step": start, "losses": result.losses, "grad_norms": result.grad_norms,
                "skipped_steps": result.skipped_steps, "val_loss": result.val_loss,
                "step_times": result.step_times, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
@@ -183,10 +153,7 @@ def train(cfg: TrainConfig, dims: ParallelDims, progress: bool = True, prompt: s
         extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
         return checkpoint.save(model, opt, cfg, step, out / "checkpoint", extra)
 
-    bar = None
-    if progress and rank0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = _progress_bar(cfg.steps, start) if progress and rank0 else None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
         for step in range(start, cfg.steps):
