@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from meshattn.launch import WorkerFailed, launch
+from meshattn.launch import launch
+from meshattn.outcome import WorkerFailed
 
 ROOT = Path(__file__).parents[1]
 

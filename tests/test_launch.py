@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from meshattn.cli.commands import _report_failure
-from meshattn.launch import WorkerFailed, launch
+from meshattn.launch import launch
+from meshattn.outcome import WorkerFailed
 
 
 def _fail_on_rank_one(pid_dir: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,10 +117,12 @@ def test_sigterm_stops_after_a_step_saves_and_resumes_bitwise(tmp_path):
 
     # Alongside (the results are bitwise whatever the load): the resumed run at the same layout,
     # the uninterrupted run, and a resume at another layout (cp=2 instead of dp2 x tp2).
-    other = tmp_path / "cp2"
+    # The cp=2 run reads a copy: the resumed run moves `latest` on under OUT/checkpoint meanwhile.
+    other, stopped = tmp_path / "cp2", tmp_path / "stopped" / Path(line.group(2)).name
+    shutil.copytree(line.group(2), stopped)
     resumed = _train("--steps", str(STEPS), "--resume", line.group(3), "--out", str(out))
     uninterrupted = _train("--steps", str(STEPS), "--out", str(whole))
-    elsewhere = _train("--steps", str(STEPS), "--resume", line.group(3), "--dp", "1", "--tp", "1", "--cp", "2",
+    elsewhere = _train("--steps", str(STEPS), "--resume", str(stopped), "--dp", "1", "--tp", "1", "--cp", "2",
                        "--out", str(other))
     for proc in (resumed, uninterrupted, elsewhere):
         _done(proc)

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..launch import Stopped, WorkerFailed, launch, under_torchrun
+from ..launch import launch, under_torchrun
+from ..outcome import Stopped, WorkerFailed
 from ..training.worker import run_training
 from .checks import check_bench, check_profile, check_train
 from .options import bench_model, config_from_args, layout_name

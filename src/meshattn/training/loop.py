@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..comm import all_reduce_
 from ..config import ConfigError, TrainConfig
-from ..launch import Stopped, signal_name
+from ..outcome import Stopped, signal_name
 from ..mesh import ParallelDims
 from ..parallel import ParallelModel
 from . import checkpoint
