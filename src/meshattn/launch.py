@@ -17,6 +17,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -67,6 +68,12 @@ def _worker(rank: int, world: int, parent_pid: int, report_dir: str, init_method
     _die_with_parent(parent_pid)
     _set_threads(world)
     _init_and_run(rank, world, init_method, backend, timeout_s, fn, args, rank, world, report_dir)
+    # Done, and the group is torn down: leave without the interpreter's teardown of torch (seconds
+    # per process on a loaded machine, which the launcher would wait for). Nothing is left to
+    # flush but the standard streams; a failure raised above still exits through multiprocessing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init_and_run(rank: int, world: int, init_method: str, backend: str | None, timeout_s: float,
