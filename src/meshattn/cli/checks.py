@@ -12,6 +12,7 @@ runs them before the process group forms and all stop alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -19,37 +20,38 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, divisors
+from ..config import ConfigError, ModelConfig, TrainConfig, divisors
 from ..training.checkpoint import CheckpointError, open_verified
-from ..training.corpus import Corpus, looks_binary
+from ..training.corpus import MAX_BYTES, Corpus, looks_binary
 from .options import bench_model, config_from_args
-
-TRAIN_TEXT_BYTES = 16 * 2**20  # what training/loop.py reads (Corpus.from_path's default)
-BENCH_TEXT_BYTES = 1 << 22  # what bench/worker.py reads for bench and profile
 
 
 # -- one function per command
 
-def check_train(a: argparse.Namespace) -> None:
+def check_train(a: argparse.Namespace) -> TrainConfig:
     """Everything `meshattn train` can refuse before it launches: the flags, the configuration
-    (TrainConfig's own checks), the text, the checkpoint to resume and the output folder."""
+    (TrainConfig's own checks), the text, the checkpoint to resume and the output folder.
+    Returns the run's configuration."""
     check_timeout(a.timeout)
     check_at_least(a, 1, "steps", "batch_size", "seq_len", "grad_accum", "dp", "tp", "cp")
     check_at_least(a, 0, "save_every", "sample_tokens")
     check_lr(a.lr)
     check_ulysses_flag(a)
     cfg = config_from_args(a)
-    check_data(a.data, cfg.seq_len, TRAIN_TEXT_BYTES)
+    check_data(a.data, cfg.seq_len, MAX_BYTES)
     if a.resume is not None:
         check_resume(a.resume, cfg)
     check_out(a.out)  # last: nothing is created for a run refused for another reason
+    return cfg
 
 
-def check_bench(a: argparse.Namespace) -> None:
+def check_bench(a: argparse.Namespace) -> tuple[ModelConfig, list | None]:
     """Everything `meshattn bench` can refuse before its first layout starts: the flags, the
     model, the layouts asked for (whether each can run it), the text (for the longest sequence)
-    and the output folder, which is otherwise first written after the whole benchmark."""
+    and the output folder, which is otherwise first written after the whole benchmark.
+    Returns the model and the layouts asked for (None: the default list)."""
     from ..bench.layouts import check_layout, parse_layout
+    from ..bench.worker import TEXT_BYTES
 
     check_timeout(a.timeout)
     check_at_least(a, 1, "world", "batch_size", "steps", "rounds")
@@ -57,27 +59,34 @@ def check_bench(a: argparse.Namespace) -> None:
     check_model_sizes(a)
     for s in a.seq_len:
         check_value("--seq-len", s, 1)
-    model = bench_model(a)  # ModelConfig's checks of the sizes together
-    for layout in [parse_layout(name) for name in a.layouts or []]:
+    model = bench_model(a, a.seq_len)  # ModelConfig's checks of the sizes together
+    layouts = None if not a.layouts else [parse_layout(name) for name in a.layouts]
+    for layout in layouts or []:
         for s in a.seq_len:
             check_layout(layout, model, a.batch_size, s)
-    check_data(a.data, max(a.seq_len), BENCH_TEXT_BYTES)
+    check_data(a.data, max(a.seq_len), TEXT_BYTES)
     check_out(a.out)
+    return model, layouts
 
 
-def check_profile(a: argparse.Namespace) -> None:
+def check_profile(a: argparse.Namespace):
     """Everything `meshattn profile` can refuse before its workers start: the flags, the model,
-    the layout (and whether it can run this model and batch), the text and the output folder."""
+    the layout (and whether it can run this model and batch), the text and the output folder.
+    Returns the layout (with --no-overlap applied) and its training configuration."""
     from ..bench.layouts import check_layout, parse_layout
+    from ..bench.worker import TEXT_BYTES
 
     check_timeout(a.timeout)
     check_at_least(a, 1, "batch_size", "steps", "seq_len")
     check_at_least(a, 0, "warmup")
     check_model_sizes(a)
-    model = bench_model(argparse.Namespace(**{**vars(a), "seq_len": [a.seq_len]}))
-    check_layout(parse_layout(a.layout), model, a.batch_size, a.seq_len)
-    check_data(a.data, a.seq_len, BENCH_TEXT_BYTES)
+    layout = parse_layout(a.layout)
+    if a.no_overlap:
+        layout = dataclasses.replace(layout, parallel=dataclasses.replace(layout.parallel, overlap=False))
+    cfg = check_layout(layout, bench_model(a, [a.seq_len]), a.batch_size, a.seq_len)
+    check_data(a.data, a.seq_len, TEXT_BYTES)
     check_out(a.out)
+    return layout, dataclasses.replace(cfg, dtype=a.dtype, data=a.data)
 
 
 # -- flags
@@ -205,9 +214,15 @@ def _first_file(path: Path) -> Path:
 
 # -- output
 
+def first_process() -> bool:
+    """Whether this process speaks for the command: always, except under torchrun, where every
+    process runs the command and rank 0 speaks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message: str) -> None:
     """One warning line, from the first process only (under torchrun every process checks)."""
-    if os.environ.get("RANK", "0") == "0":
+    if first_process():
         print(f"meshattn: warning: {message}", file=sys.stderr, flush=True)
 
 

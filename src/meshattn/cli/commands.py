@@ -17,14 +17,13 @@ from ..config import ConfigError
 from ..launch import launch, under_torchrun
 from ..outcome import Stopped, WorkerFailed
 from ..training.worker import run_training
-from .checks import check_bench, check_profile, check_train
-from .options import bench_model, config_from_args, layout_name
+from .checks import check_bench, check_profile, check_train, first_process
+from .options import layout_name
 
 
 def train_command(a: argparse.Namespace) -> int:
-    check_train(a)
-    cfg = config_from_args(a)
-    if os.environ.get("RANK", "0") == "0":
+    cfg = check_train(a)
+    if first_process():
         print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
               f"{layout_name(cfg.parallel)}, "
               f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
@@ -39,18 +38,14 @@ def train_command(a: argparse.Namespace) -> int:
 
 
 def bench_command(a: argparse.Namespace) -> int:
-    from ..bench import default_layouts, parse_layout, run_bench
+    from ..bench import default_layouts, run_bench
     from ..bench.report import native_ratios, plot, table, write_json
 
     if under_torchrun(os.environ):
         raise ConfigError("meshattn bench starts fresh worker processes for every layout; run it directly, "
                           "not under torchrun")
-    check_bench(a)  # the layouts asked for included
-    model = bench_model(a)
-    if a.layouts:
-        layouts = [parse_layout(n) for n in a.layouts]
-    else:
-        layouts = default_layouts(a.world, model, a.batch_size, max(a.seq_len))
+    model, layouts = check_bench(a)
+    layouts = layouts or default_layouts(a.world, model, a.batch_size, max(a.seq_len))
     print(f"meshattn bench: d_model={model.d_model} heads={model.n_heads}/{model.n_kv_heads} layers={model.n_layers} "
           f"d_ff={model.d_ff}, batch {a.batch_size}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed fwd+bwd steps; "
           f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
@@ -76,20 +71,14 @@ def bench_command(a: argparse.Namespace) -> int:
 
 
 def profile_command(a: argparse.Namespace) -> int:
-    check_profile(a)
-    from ..bench import parse_layout
-    from ..bench.layouts import check_layout, layout_to_dict
+    from ..bench.layouts import layout_to_dict
     from ..bench.worker import profile_layout
-    a.seq_len = [a.seq_len]
-    model = bench_model(a)
-    layout = parse_layout(a.layout)
-    if a.no_overlap:
-        layout = dataclasses.replace(layout, parallel=dataclasses.replace(layout.parallel, overlap=False))
-    cfg = dataclasses.replace(check_layout(layout, model, a.batch_size, a.seq_len[0]), dtype=a.dtype, data=a.data)
+
+    layout, cfg = check_profile(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"meshattn profile: {layout.name}{'' if layout.parallel.overlap else ' (no overlap)'} on {layout.world} "
-          f"ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd steps of {a.batch_size}x{a.seq_len[0]} tokens",
+          f"ranks, {a.warmup} warm-up + {a.steps} profiled fwd+bwd steps of {a.batch_size}x{a.seq_len} tokens",
           flush=True)
     try:
         launch(profile_layout, layout.world, args=(layout_to_dict(layout), cfg.to_dict(), a.warmup, a.steps, str(out)),
@@ -130,7 +119,7 @@ def _report_stop(e: Stopped, checkpoints: Path | None = None) -> int:
         if checkpoints is not None and (checkpoints / "latest").is_file():
             last = checkpoints / (checkpoints / "latest").read_text().strip()
             line += f"; the last complete checkpoint is {last}; continue with --resume {checkpoints}"
-    if os.environ.get("RANK", "0") == "0":
+    if first_process():
         print(line, file=sys.stderr, flush=True)
     return e.exit_code
 

@@ -56,8 +56,7 @@ def _train_parser(sub) -> None:
                    help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint and metrics")
-    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
-                   "rank's full traceback (always written to the log file the error line names)")
+    _verbose_flag(p)
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
     p.add_argument("--save-every", type=int, default=d.save_every,
                    help="write a checkpoint every N steps under OUT/checkpoint (0: only at the end)")
@@ -83,10 +82,14 @@ def _bench_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list this many times, alternating; report medians (the machine's load drifts)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the PNG plots")
-    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
-                   "rank's full traceback (always written to the log file the error line names)")
+    _verbose_flag(p)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _verbose_flag(p) -> None:
+    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
+                   "rank's full traceback (always written to the log file the error line names)")
 
 
 def _model_flags(p) -> None:
@@ -116,20 +119,20 @@ def _profile_parser(sub) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
     p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces and profile.json")
-    p.add_argument("--verbose", action="store_true", help="on a failure inside the workers, also print every failed "
-                   "rank's full traceback (always written to the log file the error line names)")
+    _verbose_flag(p)
     p.add_argument("--no-progress", action="store_true", help="accepted like train's and bench's (profile shows "
                                                               "no progress bar)")
 
 
-def bench_model(a: argparse.Namespace) -> ModelConfig:
+def bench_model(a: argparse.Namespace, seq_lens: list[int]) -> ModelConfig:
+    """The preset with bench/profile's size flags applied, long enough for every sequence length."""
     sizes = {"d_model": a.d_model, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "n_layers": a.n_layers,
              "d_ff": a.d_ff}
     overrides = {k: v for k, v in sizes.items() if v is not None}
     if "n_heads" in overrides and "n_kv_heads" not in overrides:
         overrides["n_kv_heads"] = overrides["n_heads"]  # --n-heads alone means plain multi-head attention
     base = preset(a.preset)
-    return preset(a.preset, max_seq_len=max(base.max_seq_len, *a.seq_len), **overrides)
+    return preset(a.preset, max_seq_len=max(base.max_seq_len, *seq_lens), **overrides)
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+MAX_BYTES = 16 * 2**20  # what training reads of --data (the standard library is about this size)
 
 
 def stdlib_dir() -> Path:
@@ -35,7 +36,7 @@ def _text_files(root: Path) -> list[Path]:
     return files
 
 
-def load_bytes(path: str | None = None, max_bytes: int = 16 * 2**20) -> torch.Tensor:
+def load_bytes(path: str | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
     """Up to max_bytes of text as a uint8 tensor (the standard library when path is None)."""
     root = stdlib_dir() if path is None else Path(path)
     if not root.exists():
@@ -75,7 +76,7 @@ class Corpus:
     val: torch.Tensor
 
     @classmethod
-    def from_path(cls, path: str | None = None, val_fraction: float = 0.05, max_bytes: int = 16 * 2**20) -> Corpus:
+    def from_path(cls, path: str | None = None, val_fraction: float = 0.05, max_bytes: int = MAX_BYTES) -> Corpus:
         data = load_bytes(path, max_bytes)
         n_val = max(int(len(data) * val_fraction), 1)
         return cls(train=data[:-n_val], val=data[-n_val:])
