@@ -125,15 +125,22 @@ def measure(rank, world, impl, layout):
 def test_communication_volume_is_exact(pools, impl, layout):
     p, (B, H, G, S, D) = 4, (2, 4, 2, 32, 8)
     measured = pools.run(p, measure, impl=impl, layout=layout)
-    assert all(m == measured[0] for m in measured)
     local_kv = B * G * (S // p) * D * 4  # one rank's K (or V), fp32 bytes
     local_q = B * H * (S // p) * D * 4
     if impl == "ring":
-        # forward: p-1 hops of the local K and V (one message each); backward: p-1 K/V hops and
-        # p dK/dV hops (fp32 accumulators, here the same size).
-        expected = {"send_recv/fwd": (2 * (p - 1), (p - 1) * 2 * local_kv),
-                    "send_recv/bwd": (2 * (2 * p - 1), (p - 1) * 2 * local_kv + p * 2 * local_kv)}
-    elif impl == "allgather":
+        # Block o travels while a later rank needs it: zigzag, every rank needs every block
+        # (p-1 hops each); contiguous causal, only the p-1-o ranks after o do. Forward: K and V
+        # per hop; backward: the K/V hops again, and dK/dV (fp32, here the same size) as many
+        # times (the owner keeps its share, the last user sends the rest home). Summed over the
+        # ranks, which send different amounts.
+        hops = p * (p - 1) if layout == "zigzag" else sum(p - 1 - o for o in range(p))
+        keys = {key for m in measured for key in m}
+        total = {key: tuple(sum(m.get(key, (0, 0))[i] for m in measured) for i in (0, 1)) for key in keys}
+        assert total == {"send_recv/fwd": (2 * hops, hops * 2 * local_kv),
+                         "send_recv/bwd": (4 * hops, hops * 4 * local_kv)}
+        return
+    assert all(m == measured[0] for m in measured)
+    if impl == "allgather":
         # K and V gathered once (payload: the gathered tensor); dK, dV reduce-scattered once.
         expected = {"all_gather/fwd": (2, 2 * p * local_kv), "reduce_scatter/bwd": (2, 2 * p * local_kv)}
     else:
@@ -191,7 +198,7 @@ def test_bad_input_is_refused_on_every_rank_before_communicating(pools):
     assert "Ulysses splits 3 query and 3 KV heads over group size=2" in m["heads"] and "legal group size: 1, 3" in m["heads"]
     assert "must agree in batch, local sequence length and head dim" in m["shape"]
     assert "dtypes differ" in m["dtype"]
-    assert "will not be approximated" in m["mask"]
+    assert "never as a dense attn_mask: pass documents=" in m["mask"]
     assert "context_group(mesh, 'cp', ulysses_size=...)" in m["hybrid"]
 
 

@@ -158,20 +158,21 @@ def reduce_scatter_start(x: torch.Tensor, dim: int, axis: Axis, phase: str):
     return _reduce_scatter_single(out.view(-1), chunks.view(-1), group=axis.group, async_op=True), out
 
 
-def ring_shift_start(sends: list[torch.Tensor], recvs: list[torch.Tensor], tags: list[int], axis: Axis,
-                     phase: str) -> list:
-    """Post one ring hop: each sends[i] goes to the next rank of the axis while recvs[i] (same
-    shape) is filled from the previous one. Returns the works to wait for, each once.
+def send_recv_start(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]],
+                    axis: Axis, phase: str) -> list:
+    """Post point-to-point transfers as one batch: sends are (tensor, peer, tag), recvs are
+    (buffer, peer, tag), peers given as ranks of the axis. Returns the works to wait for, each
+    once (none when there is nothing to move).
 
-    One batch per hop: NCCL needs a two-way exchange grouped (with p=2 the next and the previous
-    rank are the same peer); gloo matches the tags."""
-    nxt = dist.get_global_rank(axis.group, (axis.rank + 1) % axis.size)
-    prv = dist.get_global_rank(axis.group, (axis.rank - 1) % axis.size)
+    One batch per call: NCCL needs a two-way exchange grouped (a ring of two ranks has one peer
+    both ways); gloo matches messages by peer and tag, in the order they were posted."""
     ops = []
-    for send, recv, tag in zip(sends, recvs, tags):
-        axis.record("send_recv", phase, send)
-        ops += [dist.P2POp(dist.isend, send, nxt, axis.group, tag), dist.P2POp(dist.irecv, recv, prv, axis.group, tag)]
-    return dist.batch_isend_irecv(ops)
+    for t, peer, tag in sends:
+        axis.record("send_recv", phase, t)
+        ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(axis.group, peer), axis.group, tag))
+    for t, peer, tag in recvs:
+        ops.append(dist.P2POp(dist.irecv, t, dist.get_global_rank(axis.group, peer), axis.group, tag))
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _split(x: torch.Tensor, dim: int, axis: Axis) -> torch.Tensor:

@@ -57,38 +57,45 @@ def _tiles(n: int):
         yield a, min(a + MATH_TILE, n)
 
 
-def _tile_scores(q, k, a, b, causal, scale):
+def _tile_scores(q, k, a, b, causal, scale, bias=None):
     f = _acc_dtype(q)
     kk = k[:, :, :b] if causal else k
     s = (q[:, :, a:b].to(f) @ kk.to(f).transpose(-1, -2)) * scale  # (B, H, b-a, Sk')
     if causal:
         rows = torch.arange(a, b, device=s.device)[:, None]
         s = s.masked_fill(torch.arange(b, device=s.device)[None, :] > rows, float("-inf"))
+    if bias is not None:
+        s = s + bias[:, :, a:b, : s.shape[-1]].to(f)  # (B | 1, 1, b-a, Sk): 0 or -inf
     return s
 
 
-def _math_forward(q, k, v, causal, scale):
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with the -inf of rows that see no key replaced by 0, so exp(s - lse) is 0, not nan."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def _math_forward(q, k, v, causal, scale, bias=None):
     """Exact attention in fp32 (fp64 for fp64 inputs), tiled over query rows; out stays in that
     precision so the fp32 merge sees unrounded partial results."""
     f = _acc_dtype(q)
     out = torch.empty(q.shape, dtype=f, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=f, device=q.device)
     for a, b in _tiles(q.shape[2]):
-        s = _tile_scores(q, k, a, b, causal, scale)
+        s = _tile_scores(q, k, a, b, causal, scale, bias)
         lse[:, :, a:b] = torch.logsumexp(s, dim=-1)
-        out[:, :, a:b] = torch.exp(s - lse[:, :, a:b, None]) @ v[:, :, : s.shape[-1]].to(f)
+        out[:, :, a:b] = torch.exp(s - _finite(lse[:, :, a:b])[..., None]) @ v[:, :, : s.shape[-1]].to(f)
     return out, lse
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def _math_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     f = _acc_dtype(q)
     dq = torch.empty(q.shape, dtype=f, device=q.device)
     dk = torch.zeros(k.shape, dtype=f, device=k.device)
     dv = torch.zeros(v.shape, dtype=f, device=v.device)
     for a, b in _tiles(q.shape[2]):
-        s = _tile_scores(q, k, a, b, causal, scale)
+        s = _tile_scores(q, k, a, b, causal, scale, bias)
         n = s.shape[-1]
-        p = torch.exp(s - lse[:, :, a:b, None].to(f))  # (B, H, tile, n), globally normalised
+        p = torch.exp(s - _finite(lse[:, :, a:b]).to(f)[..., None])  # (B, H, tile, n), globally normalised
         dof = dout[:, :, a:b].to(f)
         dv[:, :, :n] += p.transpose(-1, -2) @ dof
         dp = dof @ v[:, :, :n].to(f).transpose(-1, -2)
@@ -100,33 +107,41 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                  kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  kernel: str = "auto", bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q to k/v (causal: square block on the diagonal) -> (out, lse fp32).
 
+    bias: an additive mask (B or 1, 1, Sq, Sk) of 0 and -inf in q's dtype (masked blocks). A row
+    that sees no key returns out = 0 and lse = -inf, so merging it changes nothing.
     out is in q's dtype from the fused kernel and in fp32 from the math kernel; float64 inputs
     keep a float64 lse, so float64 runs stay exact to ~1e-15.
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if pick_kernel(kernel, q) == "flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                              scale=scale)
+        if bias is not None:  # the kernel reports lse = 0 for a row with no key
+            lse = lse.masked_fill(torch.isneginf(bias.amax(-1)), float("-inf"))
     else:
-        out, lse = _math_forward(q, k, v, causal, scale)
+        out, lse = _math_forward(q, k, v, causal, scale, bias)
     return out, lse if q.dtype == torch.float64 else lse.float()
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float, kernel: str = "auto"):
-    """dq, dk, dv of one block, given the global out and lse of its query rows."""
+                   lse: torch.Tensor, causal: bool, scale: float, kernel: str = "auto",
+                   bias: torch.Tensor | None = None):
+    """dq, dk, dv of one block, given the global out and lse of its query rows (and the block's
+    additive mask, as in block_forward). Rows that see no key at all get zero gradients."""
     n_rep = q.shape[1] // k.shape[1]
     ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     if pick_kernel(kernel, q) == "flash":
         # The CPU kernel wants out and dout in the inputs' dtype; it reads strided slices as they
         # are, so no contiguous copies are made here.
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse, 0.0, causal, scale=scale)
+            dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse if bias is None else _finite(lse), 0.0, causal,
+            attn_mask=bias, scale=scale)
     else:
-        dq, dk, dv = _math_backward(dout, q, ke, ve, out, lse, causal, scale)
+        dq, dk, dv = _math_backward(dout, q, ke, ve, out, lse, causal, scale, bias)
     return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
 
 

@@ -1,10 +1,11 @@
 """Attention between sets of sequence chunks under the chunk-level causal rule (no communication).
 
 q holds the query chunks `q_chunks` (global chunk ids, in local order), k and v hold the key
-chunks `k_chunks`; all chunks have the same length c. With a causal mask, query chunk i against
-key chunk j is full if j < i, causal on the diagonal if j == i, and skipped if j > i; this holds
-for any layout and any set of chunks, which is what lets all-gather, ring, Ulysses and the hybrid
-share this code. Partial results are merged by log-sum-exp into fp32 accumulators.
+chunks `k_chunks`; all chunks have the same length c. A ChunkMask says for query chunk i against
+key chunk j whether the block is empty (skipped), full, causal on the diagonal or partial (a
+block mask); causal attention is full for j < i, causal for j == i, skipped for j > i. This
+holds for any layout and any set of chunks, which is what lets all-gather, ring, Ulysses and the
+hybrid share this code. Partial results are merged by log-sum-exp into fp32 accumulators.
 
 Shapes: q (B, H, len(q_chunks)*c, D); k, v (B, G, len(k_chunks)*c, D); out fp32 like q; lse fp32
 (B, H, len(q_chunks)*c).
@@ -16,6 +17,7 @@ import torch
 from torch.autograd import Function
 
 from ..model.attention import block_backward, block_forward, merge_
+from .chunkmask import DIAG, FULL, PARTIAL, ChunkMask
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -29,39 +31,51 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def plan(q_chunks: list[int], k_chunks: list[int], causal: bool):
-    """The block calls: (q rows [a, b), k rows [a, b), causal) in chunk units.
+def plan(q_chunks: list[int], k_chunks: list[int], mask: ChunkMask):
+    """The block calls (q rows [a, b), k rows [a, b), kind, (i, j)) in local chunk units, where
+    kind is FULL, DIAG or PARTIAL (chunkmask.py) and (i, j) the global chunk pair of a DIAG or
+    PARTIAL call. EMPTY pairs make no call.
 
-    Fast paths: non-causal -> one call over everything; q and k the same increasing run of
-    chunks -> one causal call. Otherwise, per query chunk: one full call per consecutive run of
-    earlier key chunks (adjacent query chunks reading the same run share one call), and one causal
-    call for its own chunk if present.
+    Fast paths for a plain mask: not causal -> one call over everything; q and k the same
+    increasing run of chunks -> one causal call. Otherwise, per query chunk: one unmasked call
+    per consecutive run of FULL key chunks (adjacent query chunks reading the same run share one
+    call), then its DIAG and PARTIAL pairs one by one.
     """
     nq, nk = len(q_chunks), len(k_chunks)
-    if not causal:
-        return [((0, nq), (0, nk), False)]
-    if q_chunks == k_chunks and q_chunks == list(range(q_chunks[0], q_chunks[0] + nq)):
-        return [((0, nq), (0, nk), True)]
-    full: list[tuple[tuple[int, int], tuple[int, int], bool]] = []
-    diag = []
+    if mask.trivial and not mask.causal:
+        return [((0, nq), (0, nk), FULL, None)]
+    if mask.trivial and q_chunks == k_chunks and q_chunks == list(range(q_chunks[0], q_chunks[0] + nq)):
+        return [((0, nq), (0, nk), DIAG, None)]
+    full: list = []
+    single = []
     for qi, i in enumerate(q_chunks):
-        for run in _runs(sorted(kj for kj, j in enumerate(k_chunks) if j < i)):
-            same = [n for n, (rows, cols, _) in enumerate(full) if cols == run and rows[1] == qi]
+        kinds = [mask.kind(i, j) for j in k_chunks]
+        for run in _runs(sorted(kj for kj, kind in enumerate(kinds) if kind == FULL)):
+            same = [n for n, (rows, cols, _, _) in enumerate(full) if cols == run and rows[1] == qi]
             if same:
                 rows = full[same[0]][0]
-                full[same[0]] = ((rows[0], qi + 1), run, False)
+                full[same[0]] = ((rows[0], qi + 1), run, FULL, None)
             else:
-                full.append(((qi, qi + 1), run, False))
-        diag += [((qi, qi + 1), (kj, kj + 1), True) for kj, j in enumerate(k_chunks) if j == i]
-    return full + diag
+                full.append(((qi, qi + 1), run, FULL, None))
+        single += [((qi, qi + 1), (kj, kj + 1), kind, (i, k_chunks[kj])) for kj, kind in enumerate(kinds)
+                   if kind in (DIAG, PARTIAL)]
+    return full + single
 
 
-def attend_chunks(q, q_chunks, k, v, k_chunks, causal, scale, kernel, out, lse) -> None:
+def _call_args(kind, pair, mask: ChunkMask, dtype):
+    """(causal, bias) of one planned call."""
+    if kind == PARTIAL:
+        return False, mask.bias(*pair, dtype)
+    return kind == DIAG, None
+
+
+def attend_chunks(q, q_chunks, k, v, k_chunks, mask, scale, kernel, out, lse) -> None:
     """Accumulate into (out, lse) the attention of q's chunks to k's chunks."""
     c = q.shape[2] // len(q_chunks)
-    for (qa, qb), (ka, kb), diag in plan(q_chunks, k_chunks, causal):
+    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
-        o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], diag, scale, kernel)
+        causal, bias = _call_args(kind, pair, mask, q.dtype)
+        o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal, scale, kernel, bias)
         merge_(out[:, :, rows], lse[:, :, rows], o, l)
 
 
@@ -76,15 +90,16 @@ def _accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: 
     return acc
 
 
-def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel, dq=None):
+def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, mask, scale, kernel, dq=None):
     """This key set's share of dq (added into dq when given) and its dk, dv, as accumulators
     (fp32 for low-precision inputs). out and lse are the global (fully merged) results of q's rows."""
     c = q.shape[2] // len(q_chunks)
     dk = dv = None
-    for (qa, qb), (ka, kb), diag in plan(q_chunks, k_chunks, causal):
+    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
+        causal, bias = _call_args(kind, pair, mask, q.dtype)
         g_q, g_k, g_v = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                       out[:, :, rows], lse[:, :, rows], diag, scale, kernel)
+                                       out[:, :, rows], lse[:, :, rows], causal, scale, kernel, bias)
         dq = _accumulate(dq, q, rows, g_q)
         dk = _accumulate(dk, k, cols, g_k)
         dv = _accumulate(dv, v, cols, g_v)
@@ -116,24 +131,29 @@ class ChunkAttention(Function):
     global out and lse. Differentiable in q, k and v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_chunks, k_chunks, causal, scale, kernel):
+    def forward(ctx, q, k, v, q_chunks, k_chunks, mask, scale, kernel):
         out, lse = empty_accumulators(q)
-        attend_chunks(q, q_chunks, k, v, k_chunks, causal, scale, kernel, out, lse)
+        attend_chunks(q, q_chunks, k, v, k_chunks, mask, scale, kernel, out, lse)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (q_chunks, k_chunks, causal, scale, kernel)
+        ctx.args = (q_chunks, k_chunks, mask, scale, kernel)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        q_chunks, k_chunks, causal, scale, kernel = ctx.args
-        dq, dk, dv = attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, causal, scale, kernel)
+        q_chunks, k_chunks, mask, scale, kernel = ctx.args
+        dq, dk, dv = attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, mask, scale, kernel)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def chunk_attention(q, k, v, q_chunks, k_chunks, causal=True, scale=None, kernel="auto") -> torch.Tensor:
+def chunk_attention(q, k, v, q_chunks, k_chunks, causal=True, scale=None, kernel="auto", mask=None) -> torch.Tensor:
+    """Differentiable attention between chunk sets; `mask` (a ChunkMask over all chunks) replaces
+    the plain causal/full rule when given."""
     from ..model.attention import default_scale
 
-    return ChunkAttention.apply(q, k, v, list(q_chunks), list(k_chunks), causal,
-                                default_scale(q.shape[-1], scale), kernel)
+    if mask is None:
+        n = max(max(q_chunks), max(k_chunks)) + 1
+        mask = ChunkMask(n, n * (q.shape[2] // len(q_chunks)), causal)
+    return ChunkAttention.apply(q, k, v, list(q_chunks), list(k_chunks), mask, default_scale(q.shape[-1], scale),
+                                kernel)

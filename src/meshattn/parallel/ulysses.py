@@ -23,13 +23,14 @@ def kv_repeats(n_kv_heads: int, p: int) -> int:
     return 1 if n_kv_heads % p == 0 else p // n_kv_heads
 
 
-def ulysses_attention(q, k, v, axis: Axis, order: list[int], causal: bool, scale: float, kernel: str,
+def ulysses_attention(q, k, v, axis: Axis, order: list[int], mask, scale: float, kernel: str,
                       inner=None) -> torch.Tensor:
     """q (B, H, S/p, D), k and v (B, G, S/p, D) -> (B, H, S/p, D).
 
     `order[g]` is the position, in the rank-ordered concatenation of the group's chunks, of the
-    g-th chunk in sorted order. With `inner(q, k, v)`, the head-sharded attention over the group's
-    chunks is done by it instead of locally (the hybrid passes ring attention across groups).
+    g-th chunk in sorted order; `mask` is the ChunkMask over all chunks. With `inner(q, k, v)`,
+    the head-sharded attention over the group's chunks is done by it instead of locally (the
+    hybrid passes ring attention across groups).
     """
     rep = kv_repeats(k.shape[1], axis.size)
     if rep > 1:
@@ -39,7 +40,7 @@ def ulysses_attention(q, k, v, axis: Axis, order: list[int], causal: bool, scale
     if order != list(range(n)):
         q, k, v = (_reorder(t, order) for t in (q, k, v))  # chunks in sorted order
     if inner is None:
-        out = ChunkAttention.apply(q, k, v, list(range(n)), list(range(n)), causal, scale, kernel)
+        out = ChunkAttention.apply(q, k, v, list(range(n)), list(range(n)), mask, scale, kernel)
     else:
         out = inner(q, k, v)
     if order != list(range(n)):

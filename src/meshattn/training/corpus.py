@@ -36,23 +36,32 @@ def _text_files(root: Path) -> list[Path]:
     return files
 
 
-def load_bytes(path: str | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
-    """Up to max_bytes of text as a uint8 tensor (the standard library when path is None)."""
+def load_documents(path: str | None = None, max_bytes: int = MAX_BYTES) -> list[torch.Tensor]:
+    """The text files of `path` (the standard library when None) in corpus order, one uint8
+    tensor each, up to max_bytes in all (the last one cut there); empty files skipped."""
     root = stdlib_dir() if path is None else Path(path)
     if not root.exists():
         raise FileNotFoundError(f"--data {root}: no such file or folder; give a text file or a folder of "
                                 f"{', '.join(TEXT_SUFFIXES)} files, or leave out --data for Python's standard library")
-    chunks, total = [], 0
+    docs, total = [], 0
     for f in _text_files(root):
         with open(f, "rb") as fh:  # only what is still wanted: a huge file is not read whole
-            chunks.append(fh.read(max_bytes - total))
-        total += len(chunks[-1])
+            text = fh.read(max_bytes - total)
+        if text:
+            docs.append(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+            total += len(text)
         if total >= max_bytes:
             break
     if total == 0:
         raise ValueError(f"--data {root}: found no text ({', '.join(TEXT_SUFFIXES)} files); give a non-empty text "
                          "file or a folder holding some")
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    return docs
+
+
+def load_bytes(path: str | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """Up to max_bytes of text as a uint8 tensor (the standard library when path is None): the
+    documents of load_documents, concatenated."""
+    return torch.cat(load_documents(path, max_bytes))
 
 
 def looks_binary(path: str | Path, probe: int = 8192) -> bool:
