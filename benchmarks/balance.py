@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from meshattn.parallel.balance import balance_chunks, token_work
-from meshattn.parallel.layout import chunk_table, imbalance
+from meshattn.parallel.balance import imbalance
+from meshattn.parallel.layout import chunk_table
 from meshattn.training.corpus import load_documents
 from meshattn.training.packing import pack_lengths
 

@@ -8,7 +8,8 @@ import torch
 
 from meshattn.model.mask import visible_counts
 from meshattn.parallel.balance import balance_chunks, balanced_table, chunk_work, rank_work, token_work
-from meshattn.parallel.layout import causal_work, chunk_table, imbalance
+from meshattn.parallel.balance import causal_work, imbalance
+from meshattn.parallel.layout import chunk_table
 from meshattn.training.corpus import Corpus, load_bytes, load_documents
 from meshattn.training.packing import PackedCorpus, pack_lengths
 

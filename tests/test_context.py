@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distributed import mesh_for
 from meshattn import CommCounter, ParallelConfig, context_attention, context_group, shard_sequence, unshard_sequence
 from meshattn.comm import Axis
-from meshattn.parallel.layout import causal_work, imbalance
+from meshattn.parallel.balance import causal_work, imbalance
 from parity import assert_close
 
 # (B, H, G, S, D): MHA, GQA, MQA; an odd head dim with batch 1.

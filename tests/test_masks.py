@@ -64,7 +64,18 @@ def _group(impl, world, ulysses_size, counter=None):
     return axis, axis
 
 
-def check_masks(rank, world, impl, layout, heads=(4, 2), ulysses_size=None, dtypes=("float64", "float32")):
+def check_masks(rank, world, impl, layout, heads=(4, 2), ulysses_size=None, dtypes=("float64", "float32"),
+                tile=None):
+    """tile: cut chunks into tiles of this many tokens (chunkmask.TILE; the default only tiles
+    chunks longer than these tests use)."""
+    if tile is not None:
+        import meshattn.parallel.chunkmask as cm
+
+        saved, (cm.TILE, cm.MIN_TILE) = (cm.TILE, cm.MIN_TILE), (tile, 1)
+        try:
+            return check_masks(rank, world, impl, layout, heads, ulysses_size, dtypes)
+        finally:
+            cm.TILE, cm.MIN_TILE = saved
     torch.manual_seed(0)
     group, axis = _group(impl, world, ulysses_size)
     H, G = heads
@@ -111,6 +122,16 @@ def test_hybrid_masks_equal_the_dense_oracle(pools, world, ulysses_size, heads):
     counts = pools.run(world, check_masks, impl="hybrid", layout="zigzag", heads=heads, ulysses_size=ulysses_size,
                        dtypes=("float64",))
     assert counts[0] > 0
+
+
+@pytest.mark.parametrize("impl,world,layout,ulysses_size", [("ring", 2, "contiguous", None), ("ring", 4, "zigzag", None),
+                                                            ("allgather", 2, "zigzag", None),
+                                                            ("ulysses", 2, "contiguous", None),
+                                                            ("hybrid", 4, "zigzag", 2)])
+def test_masks_with_chunks_cut_into_tiles(pools, impl, world, layout, ulysses_size):
+    """Chunks of 6 tokens cut into tiles of 2 or 3: what long sequences do with TILE = 256."""
+    assert pools.run(world, check_masks, impl=impl, layout=layout, ulysses_size=ulysses_size,
+                     dtypes=("float64",), tile=3)[0] > 0
 
 
 def test_mqa_masks_on_the_ring(pools):
@@ -179,3 +200,41 @@ def test_ring_sends_only_blocks_that_are_needed(pools):
     # one hop each: K and V forward; K and V again and dK, dV home backward
     assert crossing == 2 * (2 * kv + 2 * kv + 2 * kv)
     assert one_doc > crossing
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_reference_packed_rows_equal_each_document_alone(position):
+    """The independent oracle for documents: a packed row's logits equal those of each document
+    run by itself (positions restarting), and padding changes nothing around it."""
+    from meshattn import ModelConfig, Transformer
+
+    cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vocab_size=64, max_seq_len=32,
+                      position=position)
+    torch.manual_seed(0)
+    model = Transformer(cfg).double()
+    lengths = [5, 1, 9, 3]
+    docs = documents_of(lengths, pad_back=2)[None]  # (1, 20)
+    ids = torch.randint(0, 64, docs.shape)
+    packed, _ = model(ids, documents=docs)
+    start = 0
+    for n in lengths:
+        alone, _ = model(ids[:, start:start + n])
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-12, atol=1e-12)
+        start += n
+    plain, _ = model(ids)
+    assert not torch.allclose(packed[:, 5:], plain[:, 5:])  # the mask does something
+
+
+def test_reference_window_equals_the_oracle():
+    """The reference's sliding window against attention restricted by hand: a query sees the
+    last w keys of its own row, computed with explicit loops."""
+    from meshattn.model.transformer import attention_core
+
+    torch.manual_seed(0)
+    S, w = 12, 4
+    q, k, v = (torch.randn(1, 2, S, 8, dtype=torch.float64) for _ in range(3))
+    out = attention_core(q, k, v, mask=dense_mask(S, True, w))
+    for i in range(S):
+        lo = max(0, i - w + 1)
+        s = (q[:, :, i:i + 1] @ k[:, :, lo:i + 1].transpose(-1, -2)) * 8 ** -0.5
+        torch.testing.assert_close(out[:, :, i:i + 1], torch.softmax(s, -1) @ v[:, :, lo:i + 1])

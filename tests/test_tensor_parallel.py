@@ -43,6 +43,23 @@ def _batch(cfg: ModelConfig, seed: int = 1, seq: int = S):
     return ids[:, :-1], targets
 
 
+def packed_documents(seq: int, seed: int = 2) -> torch.Tensor:
+    """(B, seq) document ids of packed rows: random lengths with length-1 documents, one row a
+    single document, one row ending in padding (negative ids)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        ids, doc = [], 0
+        while len(ids) < seq:
+            n = 1 if torch.rand(1, generator=g) < 0.3 else int(torch.randint(2, seq, (1,), generator=g))
+            ids += [doc] * n
+            doc += 1
+        rows.append(ids[:seq])
+    rows[1] = [0] * seq
+    rows[2] = rows[2][: seq - 3] + [-1] * 3
+    return torch.tensor(rows)
+
+
 def _capture_block_input(block: torch.nn.Module) -> dict:
     store = {}
 
@@ -55,14 +72,24 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
 
 
 def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
-                 ulysses_size=None, seq=S, overlap=True, vocab="auto"):
+                 ulysses_size=None, seq=S, overlap=True, vocab="auto", window=None, packed=False):
+    """packed: the batch is packed documents (packed_documents), targets never cross a boundary;
+    window: the model's sliding window."""
     dtype = getattr(torch, dtype)
-    cfg = ModelConfig(**(MODELS[model] if isinstance(model, str) else model))
+    cfg = ModelConfig(**(MODELS[model] if isinstance(model, str) else model), window=window)
     torch.manual_seed(0)
     ref = Transformer(cfg).to(dtype)
     ids, targets = _batch(cfg, seq=seq)
+    documents, extra = None, {}
+    if packed:
+        from meshattn.model.mask import boundary_targets
+
+        documents = packed_documents(seq)
+        nxt = torch.cat([documents[:, 1:], documents[:, -1:]], dim=1)  # the next token's document
+        targets = boundary_targets(targets, documents, nxt)
+        extra = dict(documents=documents)
     ref_in = _capture_block_input(ref.blocks[0])
-    ref_logits, ref_loss = ref(ids, targets)
+    ref_logits, ref_loss = ref(ids, targets, **extra)
     ref_loss.backward()
 
     par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
@@ -72,14 +99,16 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
     dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
     par_in = _capture_block_input(pm.local.blocks[0])
     rows = torch.arange(B).chunk(dp)[dp_axis.rank]
-    logits, loss = pm(*pm.shard_batch(ids, targets))  # (B/dp, S/cp) tokens in, (B/dp, S/cp, V/tp | V) out
+    batch = pm.shard_batch(ids, targets, **extra)  # (B/dp, S/cp) tokens, and (B/dp, S) documents
+    logits, loss = pm(*batch[:2], **({} if documents is None else dict(documents=batch[2])))  # (B/dp, S/cp, V/tp | V)
     loss.backward()
+    local_docs = None if documents is None else documents[rows]
 
     def unshard(t, seq_dim, tp_dim=None):  # this replica's rows, whole sequence, whole vocab/width
         plain_tp = Axis(tp_axis.name, tp_axis.group, tp_axis.size, tp_axis.rank)
         if tp_dim is not None and tp > 1:
             t = all_gather_raw(t, tp_dim, plain_tp, "fwd")
-        return t if pm.split is None else pm.split.unshard(t, seq_dim)
+        return pm.unshard_sequence(t, seq_dim, local_docs)
 
     vocab_dim = 2 if pm.local.vocab_parallel else None
     assert_close(unshard(logits.detach(), 1, tp_dim=vocab_dim), ref_logits.detach()[rows], "logits")

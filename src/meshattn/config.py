@@ -88,10 +88,11 @@ class CpLayout(Option):
 
     CONTIGUOUS = "contiguous"  # p chunks, rank r holds chunk r
     ZIGZAG = "zigzag"  # 2p chunks, rank r holds r and 2p-1-r: equal causal work
+    BALANCED = "balanced"  # 4p chunks dealt per batch by their masked work (packed documents)
 
     @property
     def chunks_per_rank(self) -> int:
-        return 1 if self is CpLayout.CONTIGUOUS else 2
+        return {CpLayout.CONTIGUOUS: 1, CpLayout.ZIGZAG: 2, CpLayout.BALANCED: 4}[self]
 
     def n_chunks(self, p: int) -> int:
         """Equal chunks the global sequence is cut into over p ranks."""
@@ -151,6 +152,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    window: int | None = None  # sliding-window attention: a query sees the last `window` keys
+    document_positions: bool = True  # with packed documents, positions restart at each document
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -170,6 +173,10 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 f"legal n_kv_heads: {_legal(divisors(self.n_heads))}"
             )
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ConfigError(f"window={self.window!r} must be None or an int >= 1 (a query sees the last "
+                              "`window` keys, itself included)")
         for name, option in (("norm", Norm), ("position", Position), ("activation", Activation)):
             object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
         if self.position == "rope" and self.head_dim % 2:
@@ -409,6 +416,7 @@ class TrainConfig:
     save_every: int = 0  # write a checkpoint every N steps (0: only at the end)
     resume: str | None = None  # a checkpoint (or a folder with a `latest`) to continue from
     data: str | None = None
+    pack_documents: bool = False  # the corpus's files as packed documents: masked, positions restarted
     out: str = "runs/default"
     sample_tokens: int = 200
 

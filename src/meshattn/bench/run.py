@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import ConfigError, ModelConfig
 from ..launch import launch
-from ..parallel.layout import causal_work, imbalance
+from ..parallel.balance import causal_work, imbalance
 from .layouts import Layout, check_layout, layout_to_dict, parse_layout
 
 

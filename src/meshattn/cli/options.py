@@ -6,6 +6,7 @@ Every choice list reads its option's one definition in `config` (CpImpl, CpLayou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..config import (CpImpl, CpLayout, DType, ModelConfig, OnNonfinite, ParallelConfig, PRESETS, Recompute,
                       TrainConfig, VocabParallel, preset)
@@ -55,6 +56,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--checkpoint", default="none", choices=Recompute.names(),
                    help="activation checkpointing: recompute the attention core or whole blocks in backward")
     p.add_argument("--data", default=None, help="text file or folder (default: Python's standard library)")
+    p.add_argument("--pack-documents", action="store_true",
+                   help="train on the files as packed documents: attention stops at file boundaries, positions "
+                        "restart, no token predicts across a boundary (pair with --cp-layout balanced)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window attention: each token sees the last N tokens (default: all earlier ones)")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint and metrics")
     _verbose_flag(p)
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
@@ -139,11 +145,14 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
                               cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size,
                               vocab_parallel=a.vocab_parallel)
-    return TrainConfig(model=preset(a.preset), parallel=parallel,
+    model = preset(a.preset)
+    if a.window is not None:
+        model = dataclasses.replace(model, window=a.window)
+    return TrainConfig(model=model, parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,
                        nonfinite=a.on_nonfinite, save_every=a.save_every, resume=a.resume,
-                       data=a.data, out=a.out,
+                       data=a.data, pack_documents=a.pack_documents, out=a.out,
                        sample_tokens=a.sample_tokens)
 
 

@@ -1,8 +1,10 @@
 """The single-device reference Transformer: the oracle every parallel path is checked against.
 
 A decoder-only language model: token embedding (+ learned positions), pre-norm blocks of
-causal multi-head self-attention (fused QKV, grouped-query heads, rotary or learned positions)
-and an MLP, a final norm and the LM head. It never imports torch.distributed.
+causal multi-head self-attention (fused QKV, grouped-query heads, rotary or learned positions,
+an optional sliding window, packed documents given as per-token ids) and an MLP, a final norm
+and the LM head. Masks other than plain causal are built dense here: it is the oracle. It never
+imports torch.distributed.
 
 Notation in shape comments: B batch, S sequence, H query heads, G KV heads, D head dim,
 h = d_model, F = d_ff, V vocabulary.
@@ -10,11 +12,14 @@ h = d_model, F = d_ff, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .mask import dense_mask, document_positions
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -24,34 +29,41 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of the rotary angles for integer positions (S,) -> two (S, D/2) tables.
+    """cos and sin of the rotary angles for integer positions (S,) or (B, S) -> two (..., D/2) tables.
 
     Angles are computed in float64 and rounded once, so every layout that feeds the same
     global positions gets bitwise the same tables.
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (S, D/2)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (S | B, S, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, S, heads, D) by the position angles."""
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, S, heads, D) by the position angles
+    (tables (S, D/2), or (B, S, D/2) when positions differ per row, as packed documents' do)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, S, heads, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, D/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (S | B, S, 1, D/2)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused scaled-dot-product attention with grouped KV heads.
 
     q (B, H, S, D), k and v (B, G, S, D) with H % G == 0; query head i reads KV head i // (H/G).
-    Returns (B, H, S, D).
+    mask: the dense bool mask (B | 1, 1, S, S) (model/mask.py) instead of `causal`; a row that
+    sees no key gives 0 and passes no gradient. Returns (B, H, S, D).
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    seen = mask.any(-1, keepdim=True)  # (B | 1, 1, S, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen)  # empty rows: any finite value...
+    return out * seen  # ...then zero, with zero gradient
 
 
 class Attention(nn.Module):
@@ -63,8 +75,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        return self.proj(attend(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, rope))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask=None) -> torch.Tensor:
+        core = attention_core if mask is None else functools.partial(attention_core, mask=mask)
+        return self.proj(attend(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, rope, core))
 
 
 def attend(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, rope, core=attention_core) -> torch.Tensor:
@@ -116,8 +129,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -157,13 +170,23 @@ class Transformer(nn.Module):
             return None
         return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """ids (B, S) -> logits (B, S, V), and the mean next-token loss when targets (B, S) are given."""
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None):
+        """ids (B, S) -> logits (B, S, V), and the mean next-token loss over targets (B, S) that
+        are not -100. documents (B, S): per-token document ids of packed sequences (negative:
+        padding); attention stays inside a document and, with cfg.document_positions, positions
+        restart at each document. cfg.window: sliding-window attention."""
+        S = ids.shape[1]
+        positions = torch.arange(S, device=ids.device)
+        if documents is not None and self.cfg.document_positions:
+            positions = document_positions(documents)  # (B, S)
         x = self.embed(ids, positions)
         rope = self.rope(positions, x.dtype)
+        mask = None
+        if documents is not None or self.cfg.window is not None:
+            mask = dense_mask(S, True, self.cfg.window, documents, ids.device)  # the oracle: (B | 1, 1, S, S)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask)
         logits = self.head(self.norm(x))  # (B, S, V)
         loss = None
         if targets is not None:

@@ -58,20 +58,40 @@ class ParallelModel(nn.Module):
     def check_token_ids(self, ids: torch.Tensor) -> None:
         check_token_ids(ids, self.local.cfg.vocab_size)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.inner(ids, targets)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None):
+        if documents is None:
+            return self.inner(ids, targets)
+        return self.inner(ids, targets, documents)
 
     def no_sync(self, skip: bool = True):
         return no_sync(self.inner, skip)
 
-    def shard_batch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's part of global (B, S, ...) tensors: rows for dp, sequence chunks for cp."""
-        out = [local_batch(t, self.axes.dp) for t in tensors]
-        return out if self.split is None else [self.split.shard(t, 1) for t in out]
+    def shard_batch(self, *tensors: torch.Tensor, documents: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """This rank's part of global (B, S, ...) tensors: rows for dp, sequence chunks for cp.
 
-    def unshard_sequence(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """The whole sequence from every cp rank's chunks (in global order); identity without cp."""
-        return t if self.split is None else self.split.unshard(t, dim)
+        With documents (B, S), the global per-token document ids of packed sequences, the chunks
+        follow the batch's table (the "balanced" layout deals them by work) and this rank's rows
+        of `documents`, whole, come last: pass them to forward as `documents=`."""
+        out = [local_batch(t, self.axes.dp) for t in tensors]
+        docs = None if documents is None else local_batch(documents, self.axes.dp)  # (B/dp, S)
+        if self.split is not None:
+            table = self.table_for(docs, out[0].shape[1]) if out else None
+            out = [self.split.shard(t, 1, table) for t in out]
+        return out if docs is None else [*out, docs]
+
+    def table_for(self, documents: torch.Tensor | None, seq_len: int) -> list[list[int]] | None:
+        """The cp chunk table of a batch (None without cp)."""
+        if self.split is None:
+            return None
+        return self.split.table_for(seq_len, self.local.cfg.window, documents)
+
+    def unshard_sequence(self, t: torch.Tensor, dim: int = 1, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole sequence from every cp rank's chunks (in global order; with the batch's
+        documents, by its chunk table); identity without cp."""
+        if self.split is None:
+            return t
+        return self.split.unshard(t, dim, self.table_for(documents, t.shape[dim] * self.split.size))
 
     def named_shards(self):
         """(local name, parameter, Shard) of every local parameter, tied ones under each name."""

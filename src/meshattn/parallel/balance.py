@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.mask import check_documents, check_window
-from .layout import chunk_table
+from .layout import chunk_table, table_for
 
 
 def _check_count(value, what: str) -> int:
@@ -161,3 +161,18 @@ def balanced_table(p: int, chunks_per_rank: int, seq_len: int, causal: bool = Tr
     _check_count(p, "p")
     _check_count(chunks_per_rank, "chunks_per_rank")
     return balance_chunks(chunk_work(p * chunks_per_rank, seq_len, causal, window, documents), p)
+
+
+def causal_work(layout, p: int, seq_len: int, heads: int = 1, head_dim: int = 1, batch: int = 1,
+                causal: bool = True, window: int | None = None, documents: torch.Tensor | None = None) -> list[float]:
+    """Attention forward FLOPs per cp rank (4 * D per visible query-key pair: QK^T and PV, per
+    head) under any mask: a layout name ("balanced" deals this batch's chunks) or a chunk table,
+    and the batch's causality, window and documents (B, S); `batch` rows when documents is None."""
+    table = table_for(layout, p, seq_len, causal, window, documents) if isinstance(layout, str) else layout
+    rows = batch if documents is None else 1
+    return [w * 4 * head_dim * heads * rows for w in rank_work(table, seq_len, causal, window, documents)]
+
+
+def imbalance(work: list[float]) -> float:
+    """max / mean: 1.0 is perfectly balanced; the slowest rank sets the step time."""
+    return max(work) / (sum(work) / len(work))

@@ -32,18 +32,20 @@ from ..config import ConfigError, CpImpl, CpLayout, check_head_split
 from ..mesh import ContextGroup, context_group
 from ..model.attention import KERNELS, default_scale
 from ..model.mask import check_documents, check_window
+from ..model.transformer import attention_core
 from .blocks import ChunkAttention
 from .chunkmask import ChunkMask
-from .layout import chunk_table, local_positions, shard_sequence, unshard_sequence
+from .layout import chunk_table, local_positions, shard_sequence, table_for, unshard_sequence
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
-__all__ = ["ContextGroup", "SequenceSplit", "context_attention", "context_group"]
+__all__ = ["ContextGroup", "SequenceSplit", "context_attention", "context_group", "local_attention", "local_mask"]
 
 
 @dataclass(frozen=True)
 class SequenceSplit:
-    """How a model's sequence is split over cp: the group, the impl and the layout."""
+    """How a model's sequence is split over cp: the group, the impl and the layout. A batch's
+    chunk table (`table_for`) is the layout's, or for "balanced" with documents, dealt by work."""
 
     group: ContextGroup
     impl: str
@@ -54,15 +56,20 @@ class SequenceSplit:
     def size(self) -> int:
         return self.group.axis.size
 
-    def positions(self, local_len: int, device=None) -> torch.Tensor:
+    def table_for(self, seq_len: int, window: int | None = None,
+                  documents: torch.Tensor | None = None) -> list[list[int]]:
+        return table_for(self.layout, self.size, seq_len, True, window, documents)
+
+    def positions(self, local_len: int, device=None, table=None) -> torch.Tensor:
         """Global positions (S/cp,) of this rank's tokens."""
-        return local_positions(local_len * self.size, self.layout, self.group.axis.rank, self.size, device)
+        return local_positions(local_len * self.size, self.layout if table is None else table,
+                               self.group.axis.rank, self.size, device)
 
-    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return shard_sequence(x, self.group.axis, dim, self.layout)
+    def shard(self, x: torch.Tensor, dim: int, table=None) -> torch.Tensor:
+        return shard_sequence(x, self.group.axis, dim, self.layout if table is None else table)
 
-    def unshard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return unshard_sequence(x, self.group.axis, dim, self.layout)
+    def unshard(self, x: torch.Tensor, dim: int, table=None) -> torch.Tensor:
+        return unshard_sequence(x, self.group.axis, dim, self.layout if table is None else table)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkMask | None = None,
                   table: list[list[int]] | None = None) -> torch.Tensor:
@@ -71,6 +78,23 @@ class SequenceSplit:
         return context_attention(q, k, v, self.group, self.impl, self.layout if table is None else table,
                                  causal=True, ulysses_size=self.group.ulysses_size, overlap=self.overlap,
                                  chunk_mask=mask)
+
+
+def local_mask(seq_len: int, window: int | None, documents: torch.Tensor | None) -> ChunkMask | None:
+    """The ChunkMask of a whole (unsplit) sequence, one chunk cut into tiles; None for plain
+    causal attention."""
+    if documents is None and window is None:
+        return None
+    return ChunkMask(1, seq_len, True, window, documents)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkMask | None = None,
+                    table=None) -> torch.Tensor:
+    """Attention of a whole sequence on one rank (B, H, S, D): fused causal SDPA, or the chunked
+    masked path (empty blocks skipped) under a ChunkMask."""
+    if mask is None:
+        return attention_core(q, k, v)
+    return ChunkAttention.apply(q, k, v, [0], [0], mask, default_scale(q.shape[-1], None), "auto")
 
 
 def _as_context_group(group) -> ContextGroup:

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from ..comm import Axis, copy_to_group
 from ..config import ModelConfig, Recompute
 from ..model.norm import rms_norm
-from ..model.transformer import attend_split, attention_core, mlp_hidden, rotary_tables
+from ..model.mask import document_positions
+from ..model.transformer import attend_split, mlp_hidden, rotary_tables
+from .chunkmask import ChunkMask
+from .context import local_attention, local_mask
 from .recompute import checkpointed
 from .region import Region
 from .shard import Shard, ShardedModule, linear_shards
@@ -39,7 +42,7 @@ class ParallelAttention(ShardedModule):
         H, G, D, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         self.n_heads, self.n_kv_heads, self.head_dim = H // tp, max(G // tp, 1), D
         self.region, self.kv_axis = region, kv_axis
-        core = attention_core if split is None else split.attention  # context-parallel when split
+        core = local_attention if split is None else split.attention  # context-parallel when split
         self.core = checkpointed(core) if recompute is Recompute.ATTENTION else core
         rows = (H + 2 * G) * D
         for name, start, stop, parts in (("q", 0, H * D, tp), ("k", H * D, (H + G) * D, min(G, tp)),
@@ -51,11 +54,12 @@ class ParallelAttention(ShardedModule):
         self.declare("proj_weight", w)
         self.declare("proj_bias", b)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
         kv = lambda p: None if p is None else copy_to_group(p, self.kv_axis)  # noqa: E731 - replica grads summed
         q, k, v = self.region.column_linears(x, [(self.wq, self.bq), (kv(self.wk), kv(self.bk)),
                                                  (kv(self.wv), kv(self.bv))])  # (B, S, H/tp*D), (B, S, G_local*D) x2
-        y = attend_split(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, rope, self.core)  # (B, S, H/tp*D)
+        core = lambda q, k, v: self.core(q, k, v, mask, table)  # noqa: E731 - the batch's mask and chunk table
+        y = attend_split(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, rope, core)  # (B, S, H/tp*D)
         out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
 
@@ -115,11 +119,11 @@ class ParallelBlock(nn.Module):
         self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region)
         self.run = checkpointed(self._forward) if recompute is Recompute.BLOCK else self._forward
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        return self.run(x, rope)
+    def forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
+        return self.run(x, rope, mask, table)
 
-    def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def _forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, table)
         return x + self.mlp(self.norm2(x))
 
 
@@ -145,18 +149,39 @@ class ParallelTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def sequence(self, ids: torch.Tensor, documents: torch.Tensor | None):
+        """This batch's (positions (S/cp,) or (B, S/cp), ChunkMask or None, chunk table or None)."""
+        S_local, window = ids.shape[1], self.cfg.window
+        if self.split is None:
+            S, table, mask = S_local, None, local_mask(S_local, window, documents)
+        else:
+            S = S_local * self.split.size
+            table = self.split.table_for(S, window, documents)
+            n = len(table) * len(table[0])
+            mask = None if documents is None and window is None else ChunkMask(n, S, True, window, documents)
+        if documents is not None and self.cfg.document_positions:
+            positions = document_positions(documents)  # (B, S)
+            positions = positions if self.split is None else self.split.shard(positions, 1, table)
+        elif self.split is None:
+            positions = torch.arange(S, device=ids.device)
+        else:
+            positions = self.split.positions(S_local, ids.device, table)
+        return positions, mask, table
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None):
         """ids (B, S/cp): this rank's chunks -> logits (B, S/cp, V/tp), or (B, S/cp, V) when the
         vocabulary is whole, and the loss (see vocab_parallel_cross_entropy: its average over
-        dp x cp is the global mean)."""
-        S = ids.shape[1]
-        positions = torch.arange(S, device=ids.device) if self.split is None else self.split.positions(S, ids.device)
+        dp x cp is the global mean). documents (B, S): the *whole* sequences' document ids of
+        these rows (every cp rank holds them; see ParallelModel.shard_batch), from which the
+        batch's chunk table, the mask and the positions follow, alike on every rank."""
+        positions, mask, table = self.sequence(ids, documents)
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
         rope = None
         if self.cfg.position == "rope":
             rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask, table)
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)
         loss = None
         if targets is not None:

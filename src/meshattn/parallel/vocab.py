@@ -53,7 +53,7 @@ class VocabParallelEmbedding(ShardedModule):
         if self.pos_weight is not None:
             # Only rows up to the largest position are used, so only they need a gradient sum.
             table = self.region.replicated(self.pos_weight[: int(positions.max()) + 1])  # (S, h)
-            x = x + F.embedding(self.region.local_seq(positions, 0), table)
+            x = x + F.embedding(self.region.local_seq(positions, positions.dim() - 1), table)  # (S | B, S) ids
         return x
 
 

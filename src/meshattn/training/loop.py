@@ -28,7 +28,8 @@ from .corpus import Corpus
 from .generate import generate
 from .preempt import StopSignals, agreed_stop
 from .scaler import LossScaler
-from .step import NonFiniteError, autocast, build_model, make_optimizer, train_step
+from .step import (NonFiniteError, autocast, build_model, global_batch, load_corpus, local_batch, make_optimizer,
+                   train_step)
 
 
 def check_same_config(cfg: TrainConfig) -> None:
@@ -75,10 +76,10 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
     device = next(model.parameters()).device
     total = torch.zeros(1, dtype=torch.float64, device=device)
     for i in range(batches):
-        ids, targets = corpus.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, split="val")
-        ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
+        ids, targets, documents = global_batch(corpus, i, cfg, split="val")
+        ids, targets, documents = local_batch(model, ids, targets, documents, device)  # (B/dp, S/cp)
         with autocast(cfg, device):
-            _, loss = model.local(ids, targets)
+            _, loss = model.local(ids, targets, documents)
         total += loss.double()
     model.train()
     batch = model.axes.batch
@@ -132,8 +133,7 @@ def train(cfg: TrainConfig, dims: ParallelDims, progress: bool = True, prompt: s
     stops every rank after the same step: checkpoint, metrics so far, then `Stopped` is raised."""
     rank0 = dist.get_rank() == 0
     check_same_config(cfg)
-    corpus = Corpus.from_path(cfg.data)
-    corpus.check(cfg.seq_len)
+    corpus = load_corpus(cfg)
     model = build_model(cfg, dims)
     opt = make_optimizer(model, cfg)
     scaler = LossScaler() if cfg.dtype == "float16" else None

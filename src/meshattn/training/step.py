@@ -21,6 +21,7 @@ from ..mesh import ParallelDims, current_device
 from ..model import Transformer
 from ..parallel import ParallelModel, parallelize
 from .corpus import Corpus
+from .packing import PackedCorpus
 from .scaler import LossScaler
 
 # Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
@@ -108,6 +109,27 @@ def locate_nonfinite(model: ParallelModel, loss_finite: bool) -> str:
             f"{sorted(grads)}; the loss was finite on every rank")
 
 
+def global_batch(corpus: Corpus | PackedCorpus, step: int, cfg: TrainConfig, split: str = "train"):
+    """The global batch of `step`: ids, targets (B, S), and the document ids (B, S) of packed
+    data (None for the plain corpus)."""
+    batch = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, split)
+    return batch if isinstance(corpus, PackedCorpus) else (*batch, None)
+
+
+def local_batch(model: ParallelModel, ids, targets, documents, device):
+    """This rank's part: ids, targets (B/dp, S/cp) and its rows' whole document ids (or None)."""
+    if documents is None:
+        return (*(t.to(device) for t in model.shard_batch(ids, targets)), None)
+    return tuple(t.to(device) for t in model.shard_batch(ids, targets, documents=documents))
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus | PackedCorpus:
+    """The training text: a byte stream, or its files as packed documents (--pack-documents)."""
+    corpus = (PackedCorpus if cfg.pack_documents else Corpus).from_path(cfg.data)
+    corpus.check(cfg.seq_len)
+    return corpus
+
+
 def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus, step: int,
                cfg: TrainConfig, scaler: LossScaler | None = None, report: dict | None = None) -> tuple[float, float]:
     """One optimizer step over the global batch of `step`; returns (global mean loss, grad norm).
@@ -116,19 +138,19 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
     the norm summed over tp) is checked before the optimizer step: if it is not finite, every
     rank skips the step together and the returned norm says so (nan or inf). With a loss scaler
     (float16) the loss is scaled before backward and the gradients unscaled before the step."""
-    ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # (B, S) global
+    ids, targets, documents = global_batch(corpus, step, cfg)  # (B, S) global
     model.check_token_ids(ids)  # on the global batch, before sharding: every rank agrees
     device = next(model.parameters()).device
-    ids, targets = (t.to(device) for t in model.shard_batch(ids, targets))  # (B/dp, S/cp)
+    ids, targets, documents = local_batch(model, ids, targets, documents, device)  # (B/dp, S/cp), (B/dp, S)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    micro_ids, micro_targets = ids.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)
-    for i, (x, y) in enumerate(zip(micro_ids, micro_targets)):
+    micro = [t.chunk(cfg.grad_accum) if t is not None else [None] * cfg.grad_accum for t in (ids, targets, documents)]
+    for i, (x, y, d) in enumerate(zip(*micro)):
         with model.no_sync(skip=i < cfg.grad_accum - 1):
             with autocast(cfg, device):
-                _, loss = model(x, y)
+                _, loss = model(x, y, documents=d)
             (loss * ((scaler.scale if scaler else 1.0) / cfg.grad_accum)).backward()
         loss_sum += loss.detach().double()
     norm = grad_norm(model)  # (,) global; the scaled norm under a loss scaler
