@@ -3,6 +3,8 @@ against an independent oracle: dense float64 attention with the mask built eleme
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,6 +13,7 @@ from distributed import mesh_for
 from meshattn.comm import Axis, CommCounter
 from meshattn.config import ParallelConfig
 from meshattn.model.mask import dense_mask, document_positions, visible_counts
+from meshattn.parallel import chunkmask
 from meshattn.parallel.chunkmask import DIAG, EMPTY, FULL, PARTIAL, ChunkMask
 from meshattn.parallel.context import context_attention, context_group
 from meshattn.parallel.layout import chunk_table, shard_sequence
@@ -25,6 +28,33 @@ def oracle(q, k, v, allowed):
     seen = allowed.any(-1, keepdim=True)
     s = s.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)
     return (torch.softmax(s, -1) * allowed) @ v
+
+
+def reference_case(B, H, G, S, D, seed, causal, window, docs):
+    """Seeded float64 q, k, v, dout and the oracle's out and [dq, dk, dv]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, G, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = oracle(*ref_in, dense_mask(S, causal, window, docs))
+    ref.backward(dout)
+    return (q, k, v, dout), ref.detach(), [t.grad for t in ref_in]
+
+
+@contextlib.contextmanager
+def tiles(tile: int | None):
+    """Chunks cut into tiles of at most `tile` tokens (chunkmask.TILE; the default only tiles
+    chunks longer than these tests use)."""
+    if tile is None:
+        yield
+        return
+    saved = chunkmask.TILE, chunkmask.MIN_TILE
+    chunkmask.TILE, chunkmask.MIN_TILE = tile, 1
+    try:
+        yield
+    finally:
+        chunkmask.TILE, chunkmask.MIN_TILE = saved
 
 
 def documents_of(lengths, pad_front=0, pad_back=0):
@@ -66,17 +96,11 @@ def _group(impl, world, ulysses_size, counter=None):
 
 def check_masks(rank, world, impl, layout, heads=(4, 2), ulysses_size=None, dtypes=("float64", "float32"),
                 tile=None):
-    """tile: cut chunks into tiles of this many tokens (chunkmask.TILE; the default only tiles
-    chunks longer than these tests use)."""
-    if tile is not None:
-        import meshattn.parallel.chunkmask as cm
+    with tiles(tile):
+        return _check_masks(world, impl, layout, heads, ulysses_size, dtypes)
 
-        saved, (cm.TILE, cm.MIN_TILE) = (cm.TILE, cm.MIN_TILE), (tile, 1)
-        try:
-            return check_masks(rank, world, impl, layout, heads, ulysses_size, dtypes)
-        finally:
-            cm.TILE, cm.MIN_TILE = saved
-    torch.manual_seed(0)
+
+def _check_masks(world, impl, layout, heads, ulysses_size, dtypes):
     group, axis = _group(impl, world, ulysses_size)
     H, G = heads
     n = len(chunk_table(layout, world)) * len(chunk_table(layout, world)[0])
@@ -86,13 +110,7 @@ def check_masks(rank, world, impl, layout, heads=(4, 2), ulysses_size=None, dtyp
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for name, docs, window, causal in cases(S, c):
-            g = torch.Generator().manual_seed(checked)
-            q64 = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
-            k64, v64 = (torch.randn(B, G, S, D, generator=g, dtype=torch.float64) for _ in range(2))
-            dout64 = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
-            ref_in = [t.clone().requires_grad_() for t in (q64, k64, v64)]
-            ref = oracle(*ref_in, dense_mask(S, causal, window, docs))
-            ref.backward(dout64)
+            (q64, k64, v64, dout64), ref, ref_grads = reference_case(B, H, G, S, D, checked, causal, window, docs)
             local = [shard_sequence(t.to(dtype), axis, 2, layout).requires_grad_() for t in (q64, k64, v64)]
             doc_local = None if docs is None else shard_sequence(docs, axis, 1, layout)
             out = context_attention(*local, group, impl=impl, layout=layout, causal=causal, documents=doc_local,
@@ -101,9 +119,9 @@ def check_masks(rank, world, impl, layout, heads=(4, 2), ulysses_size=None, dtyp
             what = f"{impl}/{layout}/{name}/causal={causal}/{dtype_name}"
             assert torch.isfinite(out).all(), what
             # parity.RTOL: rounding from summation order only (fp32 1e-5, fp64 1e-13 of the scale)
-            assert_close(out, shard_sequence(ref.detach(), axis, 2, layout).to(dtype), what)
-            for t, r, gname in zip(local, ref_in, "qkv"):
-                assert_close(t.grad, shard_sequence(r.grad, axis, 2, layout).to(dtype), f"{what} d{gname}")
+            assert_close(out, shard_sequence(ref, axis, 2, layout).to(dtype), what)
+            for t, r, gname in zip(local, ref_grads, "qkv"):
+                assert_close(t.grad, shard_sequence(r, axis, 2, layout).to(dtype), f"{what} d{gname}")
             checked += 1
     return checked
 

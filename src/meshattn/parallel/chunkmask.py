@@ -134,6 +134,8 @@ class ChunkMask:
 
     def needs(self, q_chunks: list[int], k_chunks: list[int]) -> bool:
         """Whether any query of these layout chunks sees any key of those."""
+        if not q_chunks or not k_chunks:
+            return False
         if self.trivial:
             return not self.causal or min(k_chunks) <= max(q_chunks)
         return bool((self.kinds()[self.refine(q_chunks)][:, self.refine(k_chunks)] != EMPTY).any())
