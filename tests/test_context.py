@@ -128,16 +128,21 @@ def test_communication_volume_is_exact(pools, impl, layout):
     local_kv = B * G * (S // p) * D * 4  # one rank's K (or V), fp32 bytes
     local_q = B * H * (S // p) * D * 4
     if impl == "ring":
-        # Block o travels while a later rank needs it: zigzag, every rank needs every block
-        # (p-1 hops each); contiguous causal, only the p-1-o ranks after o do. Forward: K and V
-        # per hop; backward: the K/V hops again, and dK/dV (fp32, here the same size) as many
-        # times (the owner keeps its share, the last user sends the rest home). Summed over the
-        # ranks, which send different amounts.
-        hops = p * (p - 1) if layout == "zigzag" else sum(p - 1 - o for o in range(p))
+        # A chunk travels while a later rank needs it. Contiguous causal: chunk o is needed by
+        # the p-1-o ranks after it. Zigzag: every rank needs every chunk (p-1 hops each) except
+        # rank 0's last chunk (2p-1), which no one else needs and so never leaves. Forward: K and
+        # V; backward: K and V again, and dK/dV (fp32, here the same size) as often (the owner
+        # keeps its share, the last user sends the rest home). One message per tensor per hop.
+        # Summed over the ranks, which send different amounts.
+        if layout == "zigzag":
+            calls, chunk_hops = p * (p - 1), (2 * p - 1) * (p - 1)  # hops; chunk-hops (half a block each)
+            kv_bytes = chunk_hops * local_kv // 2
+        else:
+            calls = sum(p - 1 - o for o in range(p))
+            kv_bytes = calls * local_kv
         keys = {key for m in measured for key in m}
         total = {key: tuple(sum(m.get(key, (0, 0))[i] for m in measured) for i in (0, 1)) for key in keys}
-        assert total == {"send_recv/fwd": (2 * hops, hops * 2 * local_kv),
-                         "send_recv/bwd": (4 * hops, hops * 4 * local_kv)}
+        assert total == {"send_recv/fwd": (2 * calls, 2 * kv_bytes), "send_recv/bwd": (4 * calls, 4 * kv_bytes)}
         return
     assert all(m == measured[0] for m in measured)
     if impl == "allgather":

@@ -31,17 +31,18 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def plan(q_chunks: list[int], k_chunks: list[int], mask: ChunkMask):
+def plan(q_chunks: list[int], k_chunks: list[int], mask: ChunkMask, k_tiles: bool = False):
     """The block calls (q rows [a, b), k rows [a, b), kind, (i, j)) in units of the mask's tiles
     (its layout chunks cut f times finer), where kind is FULL, DIAG or PARTIAL (chunkmask.py)
     and (i, j) the global tile pair of a DIAG or PARTIAL call. EMPTY pairs make no call.
+    k_tiles: k_chunks are already tile ids (a ring hop carrying only the tiles still needed).
 
     Fast paths for a plain mask: not causal -> one call over everything; q and k the same
     increasing run of chunks -> one causal call. Otherwise, per query chunk: one unmasked call
     per consecutive run of FULL key chunks (adjacent query chunks reading the same run share one
     call), then its DIAG and PARTIAL pairs one by one.
     """
-    q_chunks, k_chunks = mask.refine(q_chunks), mask.refine(k_chunks)
+    q_chunks, k_chunks = mask.refine(q_chunks), (k_chunks if k_tiles else mask.refine(k_chunks))
     nq, nk = len(q_chunks), len(k_chunks)
     if mask.trivial and not mask.causal:
         return [((0, nq), (0, nk), FULL, None)]
@@ -70,10 +71,10 @@ def _call_args(kind, pair, mask: ChunkMask, dtype):
     return kind == DIAG, None
 
 
-def attend_chunks(q, q_chunks, k, v, k_chunks, mask, scale, kernel, out, lse) -> None:
-    """Accumulate into (out, lse) the attention of q's chunks to k's chunks."""
+def attend_chunks(q, q_chunks, k, v, k_chunks, mask, scale, kernel, out, lse, k_tiles=False) -> None:
+    """Accumulate into (out, lse) the attention of q's chunks to k's chunks (or tiles)."""
     c = q.shape[2] // (len(q_chunks) * mask.factor)  # tokens per tile
-    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask):
+    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask, k_tiles):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
         causal, bias = _call_args(kind, pair, mask, q.dtype)
         o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal, scale, kernel, bias)
@@ -91,12 +92,12 @@ def _accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: 
     return acc
 
 
-def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, mask, scale, kernel, dq=None):
+def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, mask, scale, kernel, dq=None, k_tiles=False):
     """This key set's share of dq (added into dq when given) and its dk, dv, as accumulators
     (fp32 for low-precision inputs). out and lse are the global (fully merged) results of q's rows."""
     c = q.shape[2] // (len(q_chunks) * mask.factor)  # tokens per tile
     dk = dv = None
-    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask):
+    for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask, k_tiles):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
         causal, bias = _call_args(kind, pair, mask, q.dtype)
         g_q, g_k, g_v = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],

@@ -140,6 +140,13 @@ class ChunkMask:
             return not self.causal or min(k_chunks) <= max(q_chunks)
         return bool((self.kinds()[self.refine(q_chunks)][:, self.refine(k_chunks)] != EMPTY).any())
 
+    def seen(self, q_chunks: list[int], k_chunks: list[int]) -> list[bool]:
+        """For each tile of `k_chunks` (refine order): whether any query of `q_chunks` sees it."""
+        qt, kt = self.refine(q_chunks), self.refine(k_chunks)
+        if self.trivial:
+            return [not self.causal or j <= max(qt) for j in kt]
+        return (self.kinds()[qt][:, kt] != EMPTY).any(0).tolist()
+
     def pairs(self, q_chunks: list[int], k_chunks: list[int]) -> int:
         """Visible query-key pairs between two sets of layout chunks, summed over the batch (work)."""
         rows = 1 if self.documents is None else self.documents.shape[0]

@@ -45,28 +45,43 @@ _LAYOUTS = {"bhsd": (lambda t: t.contiguous(), lambda t: t),
 
 
 class Route:
-    """Which blocks each rank needs and how far each block travels, the same on every rank.
+    """Which tiles of which block each ring step carries, the same on every rank.
 
-    need[x][o]: ring rank x's queries see some key of ring rank o's block. Block o travels the
-    ring o -> o+1 -> ... while some later rank still needs it: last[o] hops (p-1 for plain causal
-    zigzag, fewer when documents or a window end the dependence, 0 when only o needs it)."""
+    Ring rank o's block holds the tiles mask.refine(table[o]) (T each; the layout chunks
+    themselves under plain causal attention). seen[x][o][i]: some query of rank x sees tile i of
+    block o. Tile i travels o -> o+1 -> ... while a later rank still needs it: last[o][i] hops
+    (p-1 under plain causal zigzag for every tile but rank 0's last ones, fewer when documents, a
+    window or a contiguous layout end the dependence, 0 when only o sees it). A hop sends only the
+    tiles some later rank needs, and none when no tile is needed."""
 
     def __init__(self, table: list[list[int]], mask: ChunkMask):
-        p = len(table)
-        self.p = p
-        self.need = [[mask.needs(table[x], table[o]) for o in range(p)] for x in range(p)]
-        self.last = [max([d for d in range(1, p) if self.need[(o + d) % p][o]], default=0) for o in range(p)]
+        p = self.p = len(table)
+        self.tiles = [mask.refine(chunks) for chunks in table]  # global tile ids of each block
+        self.seen = [[mask.seen(table[x], table[o]) for o in range(p)] for x in range(p)]
+        self.last = [[max([d for d in range(1, p) if self.seen[(o + d) % p][o][i]], default=0)
+                      for i in range(len(self.tiles[o]))] for o in range(p)]
 
-    def held(self, rank: int, step: int) -> bool:
-        """Whether `rank` holds block (rank - step) at `step`."""
-        return step <= self.last[(rank - step) % self.p]
+    def held(self, owner: int, step: int) -> list[int]:
+        """Positions (in the owner's tile order) of the tiles held `step` hops from the owner."""
+        return [i for i, d in enumerate(self.last[owner]) if d >= step]
+
+    def needs(self, rank: int, owner: int, positions: list[int]) -> bool:
+        return any(self.seen[rank][owner][i] for i in positions)
+
+
+def _take(t: torch.Tensor, positions: list[int], of: list[int], c: int) -> torch.Tensor:
+    """The tiles at `positions` of t (B, H, len(of) * c, D), whose tiles are those at `of`."""
+    if positions == of:
+        return t
+    return torch.cat([t[:, :, of.index(i) * c:(of.index(i) + 1) * c] for i in positions], dim=2)
 
 
 class _Transfer:
     """Tensors sent to and received from ring peers, posted at construction and completed by
     `wait()`, which returns the received tensors; a second wait is a bug and raises.
 
-    sends: (tensors, peer, tags); recv: (like tensors, peer, tags) or None."""
+    sends: (tensors, peer, tags); recv: (shapes, like, peer, tags) or None: buffers of these
+    shapes with the dtype and device of `like`."""
 
     def __init__(self, sends, recv, axis: Axis, phase: str, layout: str = "bhsd", complete: bool = False):
         to_wire, flat = _LAYOUTS[layout]
@@ -74,8 +89,8 @@ class _Transfer:
         self.received = None
         recvs = []
         if recv is not None:
-            like, peer, tags = recv
-            self.received = tuple(to_wire(torch.empty(t.shape, dtype=t.dtype, device=t.device)) for t in like)
+            shapes, like, peer, tags = recv
+            self.received = tuple(to_wire(like.new_empty(shape)) for shape in shapes)
             recvs = [(flat(t), peer, tag) for t, tag in zip(self.received, tags)]
         self.works = send_recv_start([(flat(t), peer, tag) for t, peer, tag in self.sent], recvs, axis, phase)
         self.done = False
@@ -96,16 +111,30 @@ class _Transfer:
         return received
 
 
-def _hop(route: Route, axis: Axis, step: int, tensors, like, tags, phase, overlap, layout="bhsd", first=0):
-    """One ring hop of step `step` (>= first): send the block in hand on to r+1 if a later rank
-    still needs it, receive the next block from r-1 if this rank is on its way. None if neither."""
-    r, p = axis.rank, axis.size
-    send = tensors is not None and first <= step < route.last[(r - step) % p]
-    recv = first <= step < route.last[(r - 1 - step) % p]
-    if not (send or recv):
-        return None
-    return _Transfer([(tensors, (r + 1) % p, tags)] if send else [], (like, (r - 1) % p, tags) if recv else None,
-                     axis, phase, layout, complete=not overlap)
+class _Ring:
+    """One rank's view of the ring for one call: tile bookkeeping shared by forward and backward."""
+
+    def __init__(self, axis: Axis, route: Route, tile_len: int, overlap: bool):
+        self.axis, self.route, self.c, self.overlap = axis, route, tile_len, overlap
+        self.r, self.p = axis.rank, axis.size
+
+    def hop(self, step: int, tensors, held: list[int], like: torch.Tensor, tags, phase: str, layout: str = "bhsd",
+            first: int = 0):
+        """Step `step`'s hop: the tiles of the block in hand (`tensors`, holding positions `held`)
+        that a later rank needs go to r+1; those of the next block that this rank or a later one
+        needs come from r-1. Returns (transfer or None, positions received)."""
+        r, p, c, route = self.r, self.p, self.c, self.route
+        send, recv = [], []
+        if step >= first:
+            if tensors is not None:
+                send = [i for i in held if route.last[(r - step) % p][i] > step]
+            recv = [i for i, d in enumerate(route.last[(r - 1 - step) % p]) if d > step]
+        if not (send or recv):
+            return None, []
+        sends = [([_take(t, send, held, c) for t in tensors], (r + 1) % p, tags)] if send else []
+        shape = (*like.shape[:2], len(recv) * c, like.shape[3])
+        return _Transfer(sends, ((shape,) * len(tags), like, (r - 1) % p, tags) if recv else None, self.axis, phase,
+                         layout, complete=not self.overlap), recv
 
 
 class _RingAttention(Function):
@@ -113,15 +142,18 @@ class _RingAttention(Function):
     def forward(ctx, q, k, v, axis, chunk_table, mask, scale, kernel, overlap):
         r, p = axis.rank, axis.size
         route = Route(chunk_table, mask)
+        ring = _Ring(axis, route, k.shape[2] // len(route.tiles[r]), overlap)
         out, lse = empty_accumulators(q)  # (B, H, Sq, D), (B, H, Sq)
-        own = (k.contiguous(), v.contiguous())  # (B, G, Sk, D) each
-        kv = own  # the block in hand, None when this rank is not on its way
+        kv, held = (k.contiguous(), v.contiguous()), route.held(r, 0)  # the tiles in hand, (B, G, |held| c, D)
         for step in range(p):
-            hop = _hop(route, axis, step, kv, own, (_K_TAG, _V_TAG), "fwd", overlap)
             o = (r - step) % p
-            if kv is not None and route.need[r][o]:
-                attend_chunks(q, chunk_table[r], *kv, chunk_table[o], mask, scale, kernel, out, lse)
-            kv = None if hop is None else hop.wait()
+            hop, arriving = ring.hop(step, kv, held, k, (_K_TAG, _V_TAG), "fwd")
+            if kv is not None and route.needs(r, o, held):
+                attend_chunks(q, chunk_table[r], *kv, [route.tiles[o][i] for i in held], mask, scale, kernel, out,
+                              lse, k_tiles=True)
+            kv, held = (None, []) if hop is None or not arriving else (hop.wait(), arriving)
+            if hop is not None and not arriving:
+                hop.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (axis, chunk_table, mask, scale, kernel, overlap, route)
@@ -132,43 +164,53 @@ class _RingAttention(Function):
         q, k, v, out, lse = ctx.saved_tensors
         axis, chunk_table, mask, scale, kernel, overlap, route = ctx.args
         r, p = axis.rank, axis.size
-        own = (k.contiguous(), v.contiguous())
-        acc_like = (zeros_accumulator(k), zeros_accumulator(v))  # shapes and dtypes of dk/dv on the wire
-        dq, kv, acc_hop, mine = None, own, None, None
-        home = None  # the other ranks' share of our block's dk/dv, sent by its last user
-        if route.last[r] > 0:
-            home = _Transfer([], (acc_like, (r + route.last[r]) % p, (_RET_DK_TAG, _RET_DV_TAG)), axis, "bwd",
-                             "bshd")
-        returns = []
+        c = k.shape[2] // len(route.tiles[r])
+        ring = _Ring(axis, route, c, overlap)
+        acc_like = zeros_accumulator(k)  # dtype of dk/dv on the wire
+        # Other ranks' shares of our tiles come home from the last rank that needs each of them.
+        homes = {}
+        for d in sorted({d for d in route.last[r] if d > 0}):
+            positions = [i for i, di in enumerate(route.last[r]) if di == d]
+            shape = (*k.shape[:2], len(positions) * c, k.shape[3])
+            homes[d] = (positions, _Transfer([], ((shape, shape), acc_like, (r + d) % p, (_RET_DK_TAG, _RET_DV_TAG)),
+                                             axis, "bwd", "bshd"))
+        dq, mine, returns = None, None, []
+        kv, held = (k.contiguous(), v.contiguous()), route.held(r, 0)
+        acc_hop, acc_held = None, []
         for step in range(p):
             o = (r - step) % p
-            hop = _hop(route, axis, step, kv, own, (_K_TAG, _V_TAG), "bwd", overlap)
+            hop, arriving = ring.hop(step, kv, held, k, (_K_TAG, _V_TAG), "bwd")
             acc = None
-            if kv is not None and route.need[r][o]:
-                dq, *acc = attend_chunks_backward(dout, q, chunk_table[r], *kv, chunk_table[o], out, lse, mask,
-                                                  scale, kernel, dq)
+            if kv is not None and route.needs(r, o, held):
+                dq, *acc = attend_chunks_backward(dout, q, chunk_table[r], *kv, [route.tiles[o][i] for i in held], out,
+                                                  lse, mask, scale, kernel, dq, k_tiles=True)
             incoming = None if acc_hop is None else acc_hop.wait()  # block o's dk/dv from r-1
+            if incoming is not None and acc_held != held:
+                raise RuntimeError("ring backward: accumulators arrived for tiles this rank does not hold")
             if kv is not None:
-                if incoming is not None:
-                    if acc is None:
-                        acc = list(incoming)
-                    else:
-                        for part, theirs in zip(acc, incoming):
-                            part += theirs
                 if acc is None:
-                    acc = [zeros_accumulator(k), zeros_accumulator(v)]
+                    acc = list(incoming) if incoming is not None else [zeros_accumulator(kv[0]),
+                                                                       zeros_accumulator(kv[1])]
+                elif incoming is not None:
+                    for part, theirs in zip(acc, incoming):
+                        part += theirs
                 if step == 0:  # our own share stays here
                     mine, acc = acc, None
-                elif step == route.last[o]:  # the block's last user sends the others' share home
-                    returns.append(_Transfer([(acc, o, (_RET_DK_TAG, _RET_DV_TAG))], None, axis, "bwd", "bshd"))
-                    acc = None
+                else:  # tiles whose last user this rank is: the others' share goes home
+                    done = [i for i in held if route.last[o][i] == step]
+                    if done:
+                        returns.append(_Transfer([([_take(a, done, held, c) for a in acc], o,
+                                                   (_RET_DK_TAG, _RET_DV_TAG))], None, axis, "bwd", "bshd"))
             elif incoming is not None:
                 raise RuntimeError("ring backward: accumulators arrived for a block this rank does not hold")
-            acc_hop = _hop(route, axis, step, acc, acc_like, (_DK_TAG, _DV_TAG), "bwd", overlap, "bshd", first=1)
-            kv = None if hop is None else hop.wait()
-        if home is not None:
-            for part, theirs in zip(mine, home.wait()):
-                part += theirs
+            acc_hop, acc_held = ring.hop(step, acc, held, acc_like, (_DK_TAG, _DV_TAG), "bwd", "bshd", first=1)
+            kv, held = (None, []) if hop is None or not arriving else (hop.wait(), arriving)
+            if hop is not None and not arriving:
+                hop.wait()
+        for positions, transfer in homes.values():
+            for part, theirs in zip(mine, transfer.wait()):
+                for j, i in enumerate(positions):
+                    part[:, :, i * c:(i + 1) * c] += theirs[:, :, j * c:(j + 1) * c]
         for t in returns:
             t.wait()
         dq = zeros_accumulator(q) if dq is None else dq
