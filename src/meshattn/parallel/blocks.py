@@ -48,19 +48,24 @@ def plan(q_chunks: list[int], k_chunks: list[int], mask: ChunkMask, k_tiles: boo
         return [((0, nq), (0, nk), FULL, None)]
     if mask.trivial and q_chunks == k_chunks and q_chunks == list(range(q_chunks[0], q_chunks[0] + nq)):
         return [((0, nq), (0, nk), DIAG, None)]
+    kinds = mask.kind_matrix(q_chunks, k_chunks)  # (nq, nk) int8
     full: list = []
+    open_runs: dict[tuple[int, int], int] = {}  # key run -> index in `full` of the call ending at this row
     single = []
-    for qi, i in enumerate(q_chunks):
-        kinds = [mask.kind(i, j) for j in k_chunks]
-        for run in _runs(sorted(kj for kj, kind in enumerate(kinds) if kind == FULL)):
-            same = [n for n, (rows, cols, _, _) in enumerate(full) if cols == run and rows[1] == qi]
-            if same:
-                rows = full[same[0]][0]
-                full[same[0]] = ((rows[0], qi + 1), run, FULL, None)
+    for qi in range(nq):
+        row = kinds[qi]
+        ending = {}
+        for run in _runs((row == FULL).nonzero().flatten().tolist()):
+            n = open_runs.get(run)
+            if n is not None and full[n][0][1] == qi:  # the query row above read the same run: extend
+                full[n] = ((full[n][0][0], qi + 1), run, FULL, None)
             else:
+                n = len(full)
                 full.append(((qi, qi + 1), run, FULL, None))
-        single += [((qi, qi + 1), (kj, kj + 1), kind, (i, k_chunks[kj])) for kj, kind in enumerate(kinds)
-                   if kind in (DIAG, PARTIAL)]
+            ending[run] = n
+        open_runs = ending
+        single += [((qi, qi + 1), (kj, kj + 1), int(row[kj]), (q_chunks[qi], k_chunks[kj]))
+                   for kj in ((row == DIAG) | (row == PARTIAL)).nonzero().flatten().tolist()]
     return full + single
 
 

@@ -75,6 +75,15 @@ class ChunkMask:
             self._kinds = kinds
         return self._kinds
 
+    def kind_matrix(self, q_tiles: list[int], k_tiles: list[int]) -> torch.Tensor:
+        """(len(q_tiles), len(k_tiles)) int8 kinds of these tile pairs."""
+        if self.trivial:
+            d = torch.tensor(q_tiles)[:, None] - torch.tensor(k_tiles)[None, :]
+            if not self.causal:
+                return torch.full(d.shape, FULL, dtype=torch.int8)
+            return torch.where(d > 0, FULL, torch.where(d == 0, DIAG, EMPTY)).to(torch.int8)
+        return self.kinds()[q_tiles][:, k_tiles]
+
     def _position_kinds(self) -> torch.Tensor:
         """(n, n) kinds from causality and the window alone (tile distance d = i - j)."""
         n, c, w = self.n, self.c, self.window
