@@ -30,3 +30,15 @@ def test_tp_scaling_benchmark_runs():
 def test_norm_benchmark_runs():
     out = _run(["benchmarks/norm.py", "--tokens", "16", "--d-model", "8", "--iters", "1", "--rounds", "1"])
     assert "ratio fused / F.rms_norm" in out
+
+
+def test_balance_benchmark_runs(tmp_path):
+    out = _run(["benchmarks/balance.py", "--rows", "4", "--cp", "2", "--seq-len", "256", "--out",
+                str(tmp_path / "balance.md")])
+    assert "balanced k=4" in out and "lognormal" in out
+
+
+def test_packed_attention_benchmark_runs(tmp_path):
+    out = _run(["benchmarks/packed_attention.py", "--seq-lens", "256", "512", "--doc-len", "32", "--rounds", "1",
+                "--out", str(tmp_path / "packed.md")])
+    assert "docs 32" in out and "SDPA is_causal per document" in out
