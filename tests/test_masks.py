@@ -130,8 +130,10 @@ def _check_masks(world, impl, layout, heads, ulysses_size, dtypes):
 @pytest.mark.parametrize("impl,world", [("allgather", 2), ("ring", 2), ("ulysses", 2), ("ring", 4), ("allgather", 4),
                                         ("ulysses", 4)])
 def test_masks_equal_the_dense_oracle(pools, impl, world, layout):
-    counts = pools.run(world, check_masks, impl=impl, layout=layout, dtypes=("float64",) if world == 4 else
-                       ("float64", "float32"))
+    # float32 once per impl (zigzag at cp=2); float64, whose tolerance is tight, everywhere
+    fp32 = world == 2 and layout == "zigzag"
+    counts = pools.run(world, check_masks, impl=impl, layout=layout, dtypes=("float64", "float32") if fp32 else
+                       ("float64",))
     assert counts[0] == counts[-1] > 0
 
 

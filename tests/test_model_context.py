@@ -66,3 +66,9 @@ def test_model_with_masks_matches_reference(pools, world, dp, cp, tp, impl, layo
                                             packed):
     pools.run(world, check_parity, dp=dp, tp=tp, sp=False, model=model, dtype="float32", cp=cp, cp_impl=impl,
               cp_layout=layout, ulysses_size=ulysses_size, seq=16, window=window, packed=packed)
+
+
+def test_model_with_masks_float64(pools):
+    """Packed documents and a window at cp=2 x tp=2 in float64: differences are rounding only (1e-13)."""
+    pools.run(4, check_parity, dp=1, tp=2, sp=False, model="gqa-llama", dtype="float64", cp=2, cp_impl="ring",
+              cp_layout="balanced", seq=16, window=5, packed=True)

@@ -16,17 +16,18 @@ MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=64, vo
                     norm="rmsnorm", position="rope", activation="swiglu")
 
 
-def grads_and_saved(rank, world, par_kwargs):
+def grads_and_saved(rank, world, par_kwargs, packed=False):
     torch.manual_seed(0)
     ref = Transformer(MODEL)
     ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    docs = torch.tensor([[0] * 5 + [1] * 3 + [2] * 7 + [-1], [0] * 16]) if packed else None  # (2, 16)
     par = ParallelConfig(**par_kwargs)
     results = {}
     for mode in ("none", "attention", "block"):
         model = parallelize(ref, mesh_for(par), recompute=mode)
-        x, y = model.shard_batch(ids[:, :-1], ids[:, 1:])
+        x, y, *d = model.shard_batch(ids[:, :-1], ids[:, 1:], documents=docs)
         with SavedActivations(model.parameters()) as saved:
-            loss = model(x, y)[1]
+            loss = model(x, y, documents=d[0] if d else None)[1]
         loss.backward()
         results[mode] = (saved.nbytes, gather_state_dict(model, grads=True))
     base = results["none"][1]
@@ -50,6 +51,12 @@ def test_checkpointing_keeps_gradients_and_saves_less(pools, par):
         assert saved["attention"] < saved["none"], saved
     else:
         assert saved["attention"] < 1.05 * saved["none"], saved
+
+
+def test_checkpointing_keeps_masked_gradients(pools):
+    """Packed documents (with padding) under the balanced layout: the recomputed attention and
+    blocks rebuild the same mask and give bitwise the same gradients."""
+    pools.run(2, grads_and_saved, par_kwargs=dict(cp=2, cp_impl="ring", cp_layout="balanced"), packed=True)
 
 
 def test_unknown_mode_is_refused():
