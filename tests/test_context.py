@@ -11,6 +11,7 @@ from distributed import mesh_for
 from meshattn import CommCounter, ParallelConfig, context_attention, context_group, shard_sequence, unshard_sequence
 from meshattn.comm import Axis
 from meshattn.parallel.balance import causal_work, imbalance
+from meshattn.planner.comm import context_attention_comm
 from parity import assert_close
 
 # (B, H, G, S, D): MHA, GQA, MQA; an odd head dim with batch 1.
@@ -125,34 +126,12 @@ def measure(rank, world, impl, layout):
 def test_communication_volume_is_exact(pools, impl, layout):
     p, (B, H, G, S, D) = 4, (2, 4, 2, 32, 8)
     measured = pools.run(p, measure, impl=impl, layout=layout)
-    local_kv = B * G * (S // p) * D * 4  # one rank's K (or V), fp32 bytes
-    local_q = B * H * (S // p) * D * 4
-    if impl == "ring":
-        # A chunk travels while a later rank needs it. Contiguous causal: chunk o is needed by
-        # the p-1-o ranks after it. Zigzag: every rank needs every chunk (p-1 hops each) except
-        # rank 0's last chunk (2p-1), which no one else needs and so never leaves. Forward: K and
-        # V; backward: K and V again, and dK/dV (fp32, here the same size) as often (the owner
-        # keeps its share, the last user sends the rest home). One message per tensor per hop.
-        # Summed over the ranks, which send different amounts.
-        if layout == "zigzag":
-            calls, chunk_hops = p * (p - 1), (2 * p - 1) * (p - 1)  # hops; chunk-hops (half a block each)
-            kv_bytes = chunk_hops * local_kv // 2
-        else:
-            calls = sum(p - 1 - o for o in range(p))
-            kv_bytes = calls * local_kv
-        keys = {key for m in measured for key in m}
-        total = {key: tuple(sum(m.get(key, (0, 0))[i] for m in measured) for i in (0, 1)) for key in keys}
-        assert total == {"send_recv/fwd": (2 * calls, 2 * kv_bytes), "send_recv/bwd": (4 * calls, 4 * kv_bytes)}
-        return
-    assert all(m == measured[0] for m in measured)
-    if impl == "allgather":
-        # K and V gathered once (payload: the gathered tensor); dK, dV reduce-scattered once.
-        expected = {"all_gather/fwd": (2, 2 * p * local_kv), "reduce_scatter/bwd": (2, 2 * p * local_kv)}
-    else:
-        # q, k, v and out each cross once forward and once backward; G=2 < p=4: K/V heads are
-        # repeated to 4 before the exchange, so they move as much as q.
-        expected = {"all_to_all/fwd": (4, 4 * local_q), "all_to_all/bwd": (4, 4 * local_q)}
-    assert measured[0] == expected
+    keys = {key for m in measured for key in m}
+    total = {key: tuple(sum(m.get(key, (0, 0))[i] for m in measured) for i in (0, 1)) for key in keys}
+    expected = context_attention_comm(impl, layout, p, B, H, G, S, D, itemsize=4)
+    assert total == {key: (v.calls, v.nbytes) for key, v in expected.items()}
+    if impl != "ring":  # the collectives move the same on every rank; ring hops differ by rank
+        assert all(m == measured[0] for m in measured)
 
 
 def roundtrip(rank, world, layout):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .config import ModelConfig, ParallelConfig
+from ..config import ModelConfig, ParallelConfig
 
 
 @dataclass
@@ -64,4 +64,44 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
         out["kv/all_reduce/bwd"].add(2 * L, kv_weights, itemsize)
         if model.bias:
             out["kv/all_reduce/bwd"].add(2 * L, model.head_dim, itemsize)
+    return dict(out)
+
+
+def context_attention_comm(impl: str, layout: str, p: int, batch: int, heads: int, kv_heads: int, seq: int,
+                           head_dim: int, itemsize: int = 4) -> dict[str, Volume]:
+    """Collective payloads of one causal context_attention forward + backward over p cp ranks
+    (plain causal, no documents), summed over the ranks; keys "kind/phase".
+
+    ring:      a chunk travels while a later rank needs it (ring.Route): contiguous, chunk o is
+               needed by the p-1-o ranks after it; zigzag, every chunk by every rank except rank
+               0's last chunk (2p-1), needed by no other rank. Forward: K and V per hop (one message
+               each); backward: K and V again and dK/dV (in the accumulation dtype, here itemsize)
+               as often: the owner keeps its share, the last user sends the rest home.
+    allgather: K and V gathered once (payload: the gathered tensor), dK and dV reduce-scattered.
+    ulysses:   q, k, v and out cross once each way; KV heads are first repeated to p when
+               kv_heads < p (kv_heads * p/kv_heads heads move).
+    """
+    out: dict[str, Volume] = defaultdict(Volume)
+    if p == 1:
+        return {}
+    chunk_len = seq // (p if layout == "contiguous" else 2 * p)
+    kv_chunk = batch * kv_heads * chunk_len * head_dim  # one chunk of K (or V), elements
+    if impl == "ring":
+        if layout == "zigzag":
+            hops, chunk_hops = p * (p - 1), (2 * p - 1) * (p - 1)
+        else:
+            hops = chunk_hops = p * (p - 1) // 2
+        out["send_recv/fwd"].calls, out["send_recv/fwd"].nbytes = 2 * hops, 2 * chunk_hops * kv_chunk * itemsize
+        out["send_recv/bwd"].calls, out["send_recv/bwd"].nbytes = 4 * hops, 4 * chunk_hops * kv_chunk * itemsize
+    elif impl == "allgather":
+        gathered = batch * kv_heads * seq * head_dim
+        out["all_gather/fwd"].add(2 * p, gathered, itemsize)
+        out["reduce_scatter/bwd"].add(2 * p, gathered, itemsize)
+    elif impl == "ulysses":
+        rep = 1 if kv_heads % p == 0 else p // kv_heads
+        per_rank = batch * (seq // p) * head_dim * (2 * heads + 2 * kv_heads * rep)  # q, out, k, v
+        out["all_to_all/fwd"].calls, out["all_to_all/fwd"].nbytes = 4 * p, p * per_rank * itemsize
+        out["all_to_all/bwd"].calls, out["all_to_all/bwd"].nbytes = 4 * p, p * per_rank * itemsize
+    else:
+        raise ValueError(f"impl={impl!r}: volumes are modelled for ring, allgather and ulysses")
     return dict(out)
