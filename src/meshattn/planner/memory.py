@@ -1,0 +1,253 @@
+"""Memory per rank from sizes alone (pure integers): activations per transformer layer, and the
+weights, gradients and optimizer state a rank holds.
+
+    korthikanti_activation_bytes   Korthikanti et al. 2022's per-layer formulas, exactly
+    activation_bytes_per_layer     what meshattn's block saves for backward, itemised; reduces to
+                                   the paper's formula for the paper's model (see the tests)
+    params_per_rank                parameters one tp rank holds, by part
+    state_bytes                    weights / gradients / optimizer state per rank, with ZeRO
+
+Notation: b micro-batch, s sequence (this rank's, before any tensor-parallel split: pass S/cp
+under context parallelism), h = d_model, a = H query heads, G KV heads, D head dim, F = d_ff,
+V vocabulary, t = tp. Bytes unless said otherwise.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from ..config import ModelConfig, ParallelConfig
+from .flops import recompute_mode
+
+ATTENTION_KINDS = ("fused", "unfused")
+SHARD_MODES = ("none", "zero1", "zero2", "zero3")
+
+
+def _exact(x: Fraction) -> int | float:
+    return int(x) if x.denominator == 1 else float(x)
+
+
+def korthikanti_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
+                                 sequence_parallel: bool = False, recompute: str = "none") -> int | float:
+    """Activation memory of one transformer layer, in bytes, 16-bit activations: Korthikanti et al.
+    2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4 and Table 2:
+
+        no parallelism                  s b h (34 + 5 a s / h)
+        tensor parallel t               s b h (10 + 24/t + 5 a s / (h t))
+        tensor + sequence parallel      s b h / t (34 + 5 a s / h)
+        selective recomputation         the same without the 5 a s / h term (softmax output,
+                                        its dropout mask and dropout output: 5 a s^2 b)
+        full recomputation              2 s b h (the layer's input, as Table 2 gives it for any t;
+                                        under sequence parallelism that input is in fact a
+                                        sequence shard, 2 s b h / t, which is what
+                                        activation_bytes_per_layer counts)
+
+    Their model: MHA, 4h GELU MLP, LayerNorm, dropout after the softmax, the attention output and
+    the MLP (1-byte masks), attention unfused (the s x s softmax output stored); per-token
+    LayerNorm statistics are neglected. An int when exact (t dividing the terms), else a float.
+    """
+    s, b, h, a, t = seq, micro_batch, hidden, heads, tp
+    mode = recompute_mode(recompute)
+    if mode == "full":
+        return 2 * s * b * h
+    core = 0 if mode == "selective" else 5 * a * s * s * b  # the 5 a s / h term, times s b h
+    if sequence_parallel:
+        return _exact(Fraction(34 * s * b * h + core, t))
+    return _exact(10 * s * b * h + Fraction(24 * s * b * h + core, t))
+
+
+def _check_tp(cfg: ModelConfig, tp: int) -> None:
+    ParallelConfig(tp=tp, vocab_parallel="off").check_model(cfg)  # heads, KV heads, d_ff divide
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp: int = 1,
+                               sequence_parallel: bool = False, recompute: str = "none", dtype_bytes: int = 2,
+                               dropout: bool = False, attention: str = "fused", residual_bytes: int | None = None,
+                               repeat_kv: bool = True, small_terms: bool = True, autocast: bool = False) -> dict:
+    """Bytes one transformer block of meshattn's model keeps for backward on one tp rank, itemised
+    (and "total"), following Korthikanti et al. 2022's accounting (sec. 4.1) tensor by tensor.
+
+    n = b s tokens. "Between regions" tensors (norm inputs, the inputs of the column-parallel
+    Q/K/V and fc/gate matmuls, dropout masks after the exits) have n h elements, replicated over
+    tp, or n h / t under sequence parallelism (the region entry saves only the shard and
+    re-gathers it in backward: parallel/region.py). Inside the region, per rank:
+        q                     n (a/t) D               rotated queries (the core's input)
+        k, v                  n (a/t) D each          meshattn's attention_core repeats grouped KV
+                                                      heads to the query heads before SDPA, and the
+                                                      kernel keeps the repeated copies; repeat_kv=
+                                                      False: a kernel reading grouped heads keeps
+                                                      n max(G/t, 1) D each (GQA's saving)
+        attn_out              n (a/t) D               the core's output = the out projection's input
+        fused core: lse       n (a/t) fp32            (small term) the softmax's log-sum-exp
+        unfused core: scores  b (a/t) s^2             the softmax output (also P in P V), plus with
+                                                      dropout a 1-byte mask and the dropout output
+        GELU MLP              2 n F/t                 GELU's input, the down projection's input
+        SwiGLU MLP            4 n F/t                 gate (SiLU's input), SiLU's output, fc, and
+                                                      their product (the down projection's input)
+        norm inputs           2 n h (/t)              at residual_bytes; meshattn's RMSNorm keeps a
+                                                      fp32 copy of a 16-bit input
+        norm stats            (small term) per token and norm: mean and rstd (LayerNorm) or rstd
+                              (RMSNorm), fp32
+    Every tensor is dtype_bytes per element (2 under autocast, 4 in float32) except the norm
+    inputs: residual_bytes (default dtype_bytes, or 4 with autocast=True: meshattn's autocast
+    keeps the residual stream in fp32), masks (1) and statistics (fp32, fp64 in float64).
+
+    recompute: "selective" ("attention") drops the core's internals (lse; scores, dropout) and
+    keeps q, k, v as the checkpoint's inputs (k, v then at the grouped width max(G/t, 1) D: the
+    repeat happens inside the recomputed core); "full" ("block") keeps only the block's input,
+    n h (/t under sequence parallelism) at residual_bytes.
+    dropout: meshattn has none; True adds the paper's masks (and the unfused core's dropout
+    output). small_terms=False leaves out the per-token statistics, as the paper does.
+    autocast: meshattn's bf16/fp16 training (pass dtype_bytes=2): the residual stream stays fp32
+    (residual_bytes defaults to 4), every matmul keeps its 16-bit weight copy for backward
+    ("weight_casts": this rank's matmul weights of the block, biases not needed), and at tp=1,
+    where each projection is a plain F.linear (parallel/region.py), autocast casts the shared
+    input once per matmul, so the Q/K/V input is kept 3 times and SwiGLU's fc/gate input twice
+    ("input_casts"). The region entry at tp>1 casts once.
+
+    Checked against the bytes autograd saves (bench.memory.SavedActivations) in the parallel
+    model on CPU, float32 and autocast: equal to the byte at tp=1 (tests/test_planner_costs.py,
+    without recomputation) and, measured once, in each recompute mode at tp=1 and tp=2 with and
+    without sequence parallelism, with GQA and with replicated KV heads. CUDA's fused kernels
+    may lay out the log-sum-exp differently (padded rows); that small term is the one to recheck
+    on a GPU.
+    """
+    mode = recompute_mode(recompute)
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention={attention!r} is unknown; choose one of {ATTENTION_KINDS}")
+    _check_tp(cfg, tp)
+    t, b, s, d = tp, micro_batch, seq, dtype_bytes
+    sp = sequence_parallel and t > 1
+    if sp and s % t:
+        raise ValueError(f"seq={s} must be a multiple of tp={t} under sequence parallelism")
+    r = (4 if autocast else dtype_bytes) if residual_bytes is None else residual_bytes
+    stat = 8 if max(r, d) >= 8 else 4  # statistics: fp32, or fp64 in float64
+    n = b * s  # tokens
+    between = n * cfg.d_model // t if sp else n * cfg.d_model  # elements of an (n, h) tensor between regions
+    if mode == "full":
+        return {"block_input": between * r, "total": between * r}
+
+    heads = cfg.n_heads // t  # query heads per rank
+    D, h = cfg.head_dim, cfg.d_model
+    local_kv = max(cfg.n_kv_heads // t, 1)  # KV heads per rank (replicated when G < t)
+    kv_heads = heads if repeat_kv and mode == "none" else local_kv  # attention_core's repeat_interleave
+    f = cfg.d_ff // t
+    n_fc = 2 if cfg.activation == "swiglu" else 1
+    norm_r = max(r, 4) if cfg.norm == "rmsnorm" else r  # rms_norm saves a fp32 copy of 16-bit input
+    items = {
+        "norm1_input": between * norm_r,
+        "qkv_input": between * d,
+        "q": n * heads * D * d,
+        "k": n * kv_heads * D * d,
+        "v": n * kv_heads * D * d,
+    }
+    if mode == "none":
+        if attention == "fused":
+            if small_terms:
+                items["lse"] = n * heads * stat
+        else:
+            scores = b * heads * s * s  # (b, a/t, s, s)
+            items["scores"] = scores * d
+            if dropout:
+                items["attn_dropout_mask"] = scores
+                items["attn_dropout_output"] = scores * d
+    items["attn_out"] = n * heads * D * d
+    if dropout:
+        items["attn_out_dropout_mask"] = between
+    items["norm2_input"] = between * norm_r
+    items["mlp_input"] = between * d
+    if cfg.activation == "swiglu":
+        items.update(gate=n * f * d, silu=n * f * d, fc=n * f * d, mlp_hidden=n * f * d)
+    else:
+        items.update(fc=n * f * d, mlp_hidden=n * f * d)
+    if dropout:
+        items["mlp_dropout_mask"] = between
+    if small_terms:
+        per_token = 2 if cfg.norm == "layernorm" else 1  # mean and rstd, or rstd
+        items["norm_stats"] = 2 * per_token * (between // h) * stat  # two norms
+    if autocast:
+        items["weight_casts"] = ((heads + 2 * local_kv) * D * h + h * heads * D + n_fc * f * h + h * f) * d
+        if t == 1:  # one cast of the normed input per matmul: 2 more for Q/K/V, 1 more for fc/gate
+            items["input_casts"] = (2 + (n_fc - 1)) * between * d
+    items["total"] = sum(items.values())
+    return items
+
+
+def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True) -> dict:
+    """Parameters one tp rank holds, by part, as parallel/transformer.py and parallel/vocab.py
+    split them (all tp ranks hold equally many):
+
+        per layer   q: (a/t) D (h + bias); k, v: max(G/t, 1) D (h + bias) each (a KV head is
+                    replicated on t/G ranks when G < t); out projection: h (a/t) D + h bias
+                    (the row-parallel bias whole); MLP: fc (and gate) F/t (h + bias), down
+                    projection h F/t + h bias; two norms: h, or 2h for LayerNorm with bias
+        embedding   V/t rows (vocab_parallel and t > 1) or V, times h; learned positions whole
+        head        the same split; 0 when tied to the embedding
+        final norm  whole
+
+    Returns layer (one layer), layers (all), embedding, positions, head, final_norm, total, and
+    replicated: the parameters every tp rank holds in full (norms, row-parallel biases,
+    positions, a whole vocabulary), so that for G >= t
+        tp * total == cfg.num_params() + (tp - 1) * replicated
+    and for G < t the K/V rows add (t - G) D (h + bias) each, per layer.
+    """
+    t = tp
+    split = vocab_parallel and t > 1
+    ParallelConfig(tp=t, vocab_parallel="on" if split else "off").check_model(cfg)
+    h, D, f, V, bias = cfg.d_model, cfg.head_dim, cfg.d_ff // t, cfg.vocab_size, int(cfg.bias)
+    heads, kv_heads = cfg.n_heads // t, max(cfg.n_kv_heads // t, 1)
+    n_fc = 2 if cfg.activation == "swiglu" else 1
+    norm = h * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    row_bias = h * bias  # the out projection's (and the MLP down projection's) bias: whole
+    layer = ((heads + 2 * kv_heads) * D * (h + bias)  # column-parallel Q, K, V
+             + h * heads * D + row_bias  # row-parallel out projection
+             + n_fc * f * (h + bias) + h * f + row_bias  # MLP
+             + 2 * norm)
+    vocab_rows = V // t if split else V
+    out = {
+        "layer": layer,
+        "layers": cfg.n_layers * layer,
+        "embedding": vocab_rows * h,
+        "positions": cfg.max_seq_len * h if cfg.position == "learned" else 0,
+        "head": 0 if cfg.tie_embeddings else vocab_rows * h,
+        "final_norm": norm,
+    }
+    out["total"] = sum(out[k] for k in ("layers", "embedding", "positions", "head", "final_norm"))
+    whole_vocab = 0 if split else out["embedding"] + out["head"]
+    out["replicated"] = (cfg.n_layers * (2 * norm + 2 * row_bias) + norm + out["positions"]
+                         + (whole_vocab if t > 1 else 0))
+    return out
+
+
+def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none", vocab_parallel: bool = True,
+                weight_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8) -> dict:
+    """Weights, gradients and optimizer state one rank holds, in bytes.
+
+    P = params_per_rank(cfg, tp, vocab_parallel)["total"] (the tp split). Then over the dp ranks
+    that hold the same P (pass dp * cp when sharding over both, as parameters are replicated over
+    cp too), ZeRO (Rajbhandari et al. 2020) keeps ceil(P / dp) elements (a flat buffer padded to
+    a multiple of dp) of:
+        "none"   nothing sharded
+        "zero1"  optimizer state (stage 1, P_os)
+        "zero2"  optimizer state and gradients (stage 2, P_os+g)
+        "zero3"  optimizer state, gradients and weights (stage 3, P_os+g+p; FSDP's full shard)
+    Defaults: fp32 weights and gradients (meshattn's autocast keeps fp32 master weights), AdamW's
+    two fp32 moments (8 bytes per parameter). Transient buffers (ZeRO-3's gathered layer,
+    autocast's 16-bit weight copies, communication buckets) are not counted.
+    Returns params (P), weights, gradients, optimizer and total.
+    """
+    if shard not in SHARD_MODES:
+        raise ValueError(f"shard={shard!r} is unknown; choose one of {SHARD_MODES}")
+    if dp < 1:
+        raise ValueError(f"dp={dp} must be a positive integer")
+    P = params_per_rank(cfg, tp, vocab_parallel)["total"]
+    part = -(-P // dp)  # ceil(P / dp)
+    level = SHARD_MODES.index(shard)  # how many of optimizer, gradients, weights are sharded
+    out = {
+        "params": P,
+        "weights": (part if level >= 3 else P) * weight_bytes,
+        "gradients": (part if level >= 2 else P) * grad_bytes,
+        "optimizer": (part if level >= 1 else P) * optim_bytes,
+    }
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer"]
+    return out
