@@ -258,3 +258,14 @@ def test_reference_window_equals_the_oracle():
         lo = max(0, i - w + 1)
         s = (q[:, :, i:i + 1] @ k[:, :, lo:i + 1].transpose(-1, -2)) * 8 ** -0.5
         torch.testing.assert_close(out[:, :, i:i + 1], torch.softmax(s, -1) @ v[:, :, lo:i + 1])
+
+
+def test_context_attention_on_one_rank_takes_documents_without_a_process_group():
+    """cp = 1 (no process group at all): the same masked path, against the oracle."""
+    (q, k, v, dout), ref, grads = reference_case(2, 4, 2, 24, 8, 0, True, 5, documents_of([7, 1, 16])[None].expand(2, -1))
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = context_attention(*local, Axis.single("cp"), documents=documents_of([7, 1, 16])[None].expand(2, -1), window=5)
+    out.backward(dout)
+    assert_close(out, ref, "out")
+    for t, g, name in zip(local, grads, "qkv"):
+        assert_close(t.grad, g, f"d{name}")

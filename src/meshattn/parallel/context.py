@@ -160,6 +160,8 @@ def check_table(table, p: int) -> list[list[int]]:
 
 def global_documents(documents: torch.Tensor, axis: Axis, table: list[list[int]]) -> torch.Tensor:
     """The global document ids (B, S) from every rank's shard (B, S/p): one all-gather of ints."""
+    if axis.size == 1:
+        return documents.long()
     gathered = all_gather_raw(documents.long(), 1, axis, "fwd")  # rank-ordered chunks
     flat = [c for chunks in table for c in chunks]
     parts = gathered.chunk(len(flat), dim=1)
