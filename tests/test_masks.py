@@ -144,10 +144,9 @@ def test_hybrid_masks_equal_the_dense_oracle(pools, world, ulysses_size, heads):
     assert counts[0] > 0
 
 
-@pytest.mark.parametrize("impl,world,layout,ulysses_size", [("ring", 2, "contiguous", None), ("ring", 4, "zigzag", None),
-                                                            ("allgather", 2, "zigzag", None),
-                                                            ("ulysses", 2, "contiguous", None),
-                                                            ("hybrid", 4, "zigzag", 2)])
+@pytest.mark.parametrize("impl,world,layout,ulysses_size", [
+    ("ring", 2, "contiguous", None), ("ring", 4, "zigzag", None), ("allgather", 2, "zigzag", None),
+    ("ulysses", 2, "contiguous", None), ("hybrid", 4, "zigzag", 2)])
 def test_masks_with_chunks_cut_into_tiles(pools, impl, world, layout, ulysses_size):
     """Chunks of 6 tokens cut into tiles of 2 or 3: what long sequences do with TILE = 256."""
     assert pools.run(world, check_masks, impl=impl, layout=layout, ulysses_size=ulysses_size,
@@ -262,9 +261,10 @@ def test_reference_window_equals_the_oracle():
 
 def test_context_attention_on_one_rank_takes_documents_without_a_process_group():
     """cp = 1 (no process group at all): the same masked path, against the oracle."""
-    (q, k, v, dout), ref, grads = reference_case(2, 4, 2, 24, 8, 0, True, 5, documents_of([7, 1, 16])[None].expand(2, -1))
+    docs = documents_of([7, 1, 16])[None].expand(2, -1)  # (2, 24)
+    (q, k, v, dout), ref, grads = reference_case(2, 4, 2, 24, 8, 0, True, 5, docs)
     local = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = context_attention(*local, Axis.single("cp"), documents=documents_of([7, 1, 16])[None].expand(2, -1), window=5)
+    out = context_attention(*local, Axis.single("cp"), documents=docs, window=5)
     out.backward(dout)
     assert_close(out, ref, "out")
     for t, g, name in zip(local, grads, "qkv"):

@@ -134,7 +134,8 @@ def check_inputs(q, k, v, cg: ContextGroup, impl: CpImpl, table: list[list[int]]
                           f"{per_rank} chunks per rank): the global sequence length must be a multiple of "
                           f"{per_rank * p}")
     if documents is not None:
-        if documents.shape != (q.shape[0], S_local) or documents.dtype.is_floating_point or documents.dtype == torch.bool:
+        not_ids = documents.dtype.is_floating_point or documents.dtype == torch.bool
+        if documents.shape != (q.shape[0], S_local) or not_ids:
             raise ConfigError(f"documents must be this rank's integer document ids (B, S_local) = ({q.shape[0]}, "
                               f"{S_local}), sharded like q; got {documents.dtype} {tuple(documents.shape)}")
         if documents.device != q.device:
