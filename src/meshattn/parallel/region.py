@@ -42,6 +42,8 @@ class Region:
         parallelism only this rank's shard of the input is kept for backward, which gathers it
         again (Megatron's re-gather), so the full (B, S, h) input is never saved."""
         if self.axis.size == 1:
+            if torch.is_autocast_enabled(x.device.type):  # cast once: autocast would keep a copy per matmul
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             return tuple(F.linear(x, w, b) for w, b in layers)
         weights = [w for w, _ in layers]
         biases = [b for _, b in layers]

@@ -100,10 +100,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
     output). small_terms=False leaves out the per-token statistics, as the paper does.
     autocast: meshattn's bf16/fp16 training (pass dtype_bytes=2): the residual stream stays fp32
     (residual_bytes defaults to 4), every matmul keeps its 16-bit weight copy for backward
-    ("weight_casts": this rank's matmul weights of the block, biases not needed), and at tp=1,
-    where each projection is a plain F.linear (parallel/region.py), autocast casts the shared
-    input once per matmul, so the Q/K/V input is kept 3 times and SwiGLU's fc/gate input twice
-    ("input_casts"). The region entry at tp>1 casts once.
+    ("weight_casts": this rank's matmul weights of the block, biases not needed); the region
+    entry (parallel/region.py) casts the shared input of Q/K/V (and of fc/gate) once, at any tp.
 
     Checked against the bytes autograd saves (bench.memory.SavedActivations) in the parallel
     model on CPU, float32 and autocast: equal to the byte at tp=1 (tests/test_planner_costs.py,
@@ -167,8 +165,6 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
         items["norm_stats"] = 2 * per_token * (between // h) * stat  # two norms
     if autocast:
         items["weight_casts"] = ((heads + 2 * local_kv) * D * h + h * heads * D + n_fc * f * h + h * f) * d
-        if t == 1:  # one cast of the normed input per matmul: 2 more for Q/K/V, 1 more for fc/gate
-            items["input_casts"] = (2 + (n_fc - 1)) * between * d
     items["total"] = sum(items.values())
     return items
 
