@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.mask import check_documents, check_window
-from .layout import chunk_table, table_for
+from .layout import check_table, chunk_table, table_for
 
 
 def _check_count(value, what: str) -> int:
@@ -76,20 +76,12 @@ def chunk_work(n_chunks: int, seq_len: int, causal: bool = True, window: int | N
     return [float(x) for x in per_token.view(n_chunks, -1).sum(1).tolist()]
 
 
-def _check_table(table: list[list[int]]) -> int:
-    """Number of chunks n, if table deals chunks 0..n-1 once each; else ValueError."""
-    flat = sorted(c for chunks in table for c in chunks)
-    if not table or flat != list(range(len(flat))):
-        raise ValueError(f"chunk table {table!r} must list every global chunk id 0..n-1 exactly once over the "
-                         "ranks")
-    return len(flat)
-
-
 def rank_work(table: list[list[int]], seq_len: int, causal: bool = True, window: int | None = None,
               documents: torch.Tensor | None = None) -> list[float]:
     """Query-key pairs each rank computes for its queries under `table` (per rank, the global
     chunk ids it holds; n = all chunks): len(table) floats."""
-    work = chunk_work(_check_table(table), seq_len, causal, window, documents)
+    n = sum(len(chunks) for chunks in check_table(table))
+    work = chunk_work(n, seq_len, causal, window, documents)
     return [sum(work[c] for c in chunks) for chunks in table]
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import Axis, all_gather, all_gather_raw
+from ..comm import Axis, all_gather
 from ..config import ConfigError, CpImpl, CpLayout, check_head_split
 from ..mesh import ContextGroup, context_group
 from ..model.attention import KERNELS, default_scale
@@ -35,11 +35,11 @@ from ..model.mask import check_documents, check_window
 from ..model.transformer import attention_core
 from .blocks import ChunkAttention
 from .chunkmask import ChunkMask
-from .layout import chunk_table, local_positions, shard_sequence, table_for, unshard_sequence
+from .layout import check_table, chunk_table, local_positions, shard_sequence, table_for, unshard_sequence
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
-__all__ = ["ContextGroup", "SequenceSplit", "context_attention", "context_group", "local_attention", "local_mask"]
+__all__ = ["ContextGroup", "SequenceSplit", "context_attention", "context_group", "local_attention", "batch_mask"]
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,13 @@ class SequenceSplit:
                                  chunk_mask=mask)
 
 
-def local_mask(seq_len: int, window: int | None, documents: torch.Tensor | None) -> ChunkMask | None:
-    """The ChunkMask of a whole (unsplit) sequence, one chunk cut into tiles; None for plain
-    causal attention."""
+def batch_mask(seq_len: int, window: int | None, documents: torch.Tensor | None,
+               n_chunks: int = 1) -> ChunkMask | None:
+    """A causal batch's ChunkMask over n_chunks layout chunks (1: a whole, unsplit sequence),
+    each cut into tiles; None for plain causal attention."""
     if documents is None and window is None:
         return None
-    return ChunkMask(1, seq_len, True, window, documents)
+    return ChunkMask(n_chunks, seq_len, True, window, documents)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkMask | None = None,
@@ -149,24 +150,16 @@ def check_inputs(q, k, v, cg: ContextGroup, impl: CpImpl, table: list[list[int]]
         check_head_split(H, G, group, "Ulysses" if impl is CpImpl.ULYSSES else "the hybrid's Ulysses groups")
 
 
-def check_table(table, p: int) -> list[list[int]]:
-    """An explicit chunk table: p lists of the same length covering chunks 0..n-1 once each."""
-    table = [list(map(int, chunks)) for chunks in table]
-    n = sum(len(c) for c in table)
-    if len(table) != p or len({len(c) for c in table}) != 1 or sorted(c for cs in table for c in cs) != list(range(n)):
+def _check_table(table, p: int) -> list[list[int]]:
+    """An explicit chunk table (layout.check_table) giving each of the p ranks as many chunks."""
+    try:
+        table = check_table(table)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(table) != p or len({len(c) for c in table}) != 1:
         raise ConfigError(f"a chunk table must give each of the {p} cp ranks the same number of chunks and cover "
                           f"chunks 0..n-1 once; got {table}")
     return table
-
-
-def global_documents(documents: torch.Tensor, axis: Axis, table: list[list[int]]) -> torch.Tensor:
-    """The global document ids (B, S) from every rank's shard (B, S/p): one all-gather of ints."""
-    if axis.size == 1:
-        return documents.long()
-    gathered = all_gather_raw(documents.long(), 1, axis, "fwd")  # rank-ordered chunks
-    flat = [c for chunks in table for c in chunks]
-    parts = gathered.chunk(len(flat), dim=1)
-    return torch.cat([parts[flat.index(c)] for c in range(len(flat))], dim=1)
 
 
 def _sorted_order(chunks: list[int]) -> list[int]:
@@ -229,13 +222,13 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     cg = _as_context_group(group)
     impl = CpImpl.parse(impl, "impl")
     p = cg.axis.size
-    table = chunk_table(CpLayout.parse(layout, "layout"), p) if isinstance(layout, str) else check_table(layout, p)
+    table = chunk_table(CpLayout.parse(layout, "layout"), p) if isinstance(layout, str) else _check_table(layout, p)
     check_inputs(q, k, v, cg, impl, table, ulysses_size, attn_mask, kernel, documents, window)
     scale = default_scale(q.shape[-1], scale)
     n, S = len(table) * len(table[0]), q.shape[2] * p
     if chunk_mask is None:
         if documents is not None:
-            documents = global_documents(documents, cg.axis, table)
+            documents = unshard_sequence(documents.long(), cg.axis, 1, table)  # (B, S): one all-gather of ints
             try:
                 check_documents(documents, q.shape[0], S)
             except ValueError as e:  # the same global ids on every rank: the same refusal everywhere

@@ -74,6 +74,17 @@ def shard_sequence(x: torch.Tensor, group, dim: int = 2, layout="zigzag") -> tor
     return torch.cat([parts[c] for c in table[axis.rank]], dim=dim)
 
 
+def check_table(table) -> list[list[int]]:
+    """A chunk table as lists of ints, if it deals the global chunks 0..n-1 exactly once over the
+    ranks; else ValueError."""
+    table = [[int(c) for c in chunks] for chunks in table]
+    flat = sorted(c for chunks in table for c in chunks)
+    if not table or flat != list(range(len(flat))):
+        raise ValueError(f"chunk table {table!r} must list every global chunk id 0..n-1 exactly once over the "
+                         "ranks")
+    return table
+
+
 def _table(layout, p: int) -> list[list[int]]:
     return chunk_table(layout, p) if isinstance(layout, str) else layout
 

@@ -19,8 +19,7 @@ from ..config import ModelConfig, Recompute
 from ..model.norm import rms_norm
 from ..model.mask import document_positions
 from ..model.transformer import attend_split, mlp_hidden, rotary_tables
-from .chunkmask import ChunkMask
-from .context import local_attention, local_mask
+from .context import batch_mask, local_attention
 from .recompute import checkpointed
 from .region import Region
 from .shard import Shard, ShardedModule, linear_shards
@@ -153,12 +152,11 @@ class ParallelTransformer(nn.Module):
         """This batch's (positions (S/cp,) or (B, S/cp), ChunkMask or None, chunk table or None)."""
         S_local, window = ids.shape[1], self.cfg.window
         if self.split is None:
-            S, table, mask = S_local, None, local_mask(S_local, window, documents)
+            S, table, mask = S_local, None, batch_mask(S_local, window, documents)
         else:
             S = S_local * self.split.size
             table = self.split.table_for(S, window, documents)
-            n = len(table) * len(table[0])
-            mask = None if documents is None and window is None else ChunkMask(n, S, True, window, documents)
+            mask = batch_mask(S, window, documents, len(table) * len(table[0]))
         if documents is not None and self.cfg.document_positions:
             positions = document_positions(documents)  # (B, S)
             positions = positions if self.split is None else self.split.shard(positions, 1, table)
