@@ -151,9 +151,8 @@ class _RingAttention(Function):
             if kv is not None and route.needs(r, o, held):
                 attend_chunks(q, chunk_table[r], *kv, [route.tiles[o][i] for i in held], mask, scale, kernel, out,
                               lse, k_tiles=True)
-            kv, held = (None, []) if hop is None or not arriving else (hop.wait(), arriving)
-            if hop is not None and not arriving:
-                hop.wait()
+            received = None if hop is None else hop.wait()  # None when this rank only sent
+            kv, held = received, arriving
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (axis, chunk_table, mask, scale, kernel, overlap, route)
@@ -204,9 +203,8 @@ class _RingAttention(Function):
             elif incoming is not None:
                 raise RuntimeError("ring backward: accumulators arrived for a block this rank does not hold")
             acc_hop, acc_held = ring.hop(step, acc, held, acc_like, (_DK_TAG, _DV_TAG), "bwd", "bshd", first=1)
-            kv, held = (None, []) if hop is None or not arriving else (hop.wait(), arriving)
-            if hop is not None and not arriving:
-                hop.wait()
+            received = None if hop is None else hop.wait()  # None when this rank only sent
+            kv, held = received, arriving
         for positions, transfer in homes.values():
             for part, theirs in zip(mine, transfer.wait()):
                 for j, i in enumerate(positions):
