@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _bench_parser(sub)
     _profile_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -128,6 +129,59 @@ def _profile_parser(sub) -> None:
     _verbose_flag(p)
     p.add_argument("--no-progress", action="store_true", help="accepted like train's and bench's (profile shows "
                                                               "no progress bar)")
+
+
+def _plan_parser(sub) -> None:
+    from ..planner.hardware import GPUS
+    from ..planner.layout import RECOMPUTE_NAMES, SHARDS
+
+    p = sub.add_parser("plan", help="choose the dp x cp x tp layout for a model and a cluster: predicted step "
+                                    "time and memory per GPU, ranked",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model (one of --preset, --model, or the sizes)")
+    m.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a model preset")
+    m.add_argument("--model", default=None, metavar="FILE",
+                   help="a meshattn ModelConfig JSON or a Hugging Face config.json (llama, mistral, qwen2)")
+    for flag, what in (("hidden-size", "d_model"), ("layers", "transformer blocks"), ("heads", "query heads"),
+                       ("kv-heads", "KV heads (default: --heads)"),
+                       ("ffn-size", "MLP width (default: Llama's 8/3 h)"),
+                       ("vocab-size", "vocabulary (default 32000)")):
+        m.add_argument(f"--{flag}", type=int, default=None, help=what)
+    j = p.add_argument_group("job")
+    j.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
+    j.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (default: GPUs)")
+    j.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch per data-parallel "
+                                                                "replica (default: searched)")
+    j.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="training precision (default: bfloat16 autocast on GPUs, float32 on --gpu this)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--gpu", default="h100", choices=[*GPUS, "this"],
+                   help="GPU preset in 8-GPU nodes; 'this': this machine's CPU processes, from --calibrate")
+    c.add_argument("--gpus", type=int, default=8, help="GPUs (for --gpu this: local processes)")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (compute, memory bandwidth, gloo collectives) and save it for "
+                        "--gpu this")
+    c.add_argument("--calibration", default=None, metavar="FILE",
+                   help="where --calibrate saves and --gpu this reads (default: $MESHATTN_CALIBRATION or "
+                        "~/.cache/meshattn/calibration.json)")
+    L = p.add_argument_group("layout (default: searched)")
+    L.add_argument("--layout", default=None, help="evaluate this one layout: the bench grammar plus ppN, e.g. "
+                                                  "dp4xtp8xpp4, dp2xcp4:ring, cp4:hybrid2, tp8+sp@attention")
+    L.add_argument("--recompute", default=None, choices=RECOMPUTE_NAMES,
+                   help="activation checkpointing: selective = the attention core, full = whole blocks "
+                        "(default: searched; none with --layout)")
+    L.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (tp > 1)")
+    L.add_argument("--shard", default=None, choices=SHARDS, help="shard optimizer state (zero1) or everything "
+                                                                  "(zero3) over the data axis (default: searched)")
+    L.add_argument("--pipeline", action="store_true", help="search pipeline stages too (modelled analytically; "
+                                                           "meshattn itself does not run pipelines)")
+    o = p.add_argument_group("output")
+    o.add_argument("--memory", action="store_true", help="the memory budget of one layout: its breakdown, the "
+                                                         "largest micro-batch and the longest sequence that fit")
+    o.add_argument("--top", type=int, default=5, help="candidates to print")
+    o.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    o.add_argument("--out", default="runs/plan", help="folder for plan.png")
+    o.add_argument("--no-plots", action="store_true")
 
 
 def bench_model(a: argparse.Namespace, seq_lens: list[int]) -> ModelConfig:

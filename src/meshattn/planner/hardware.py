@@ -45,6 +45,7 @@ class GPU:
     name: str
     peak_flops: float  # dense bf16 tensor-core FLOP/s
     memory_bytes: int  # device memory the driver reports
+    memory_bw: float  # device memory (HBM) bytes/s
     nvlink_bw: float  # intra-node (NVLink) bytes/s per GPU per direction
     network_bw: float  # inter-node bytes/s per GPU per direction (its own NIC)
     gpus_per_node: int
@@ -52,7 +53,7 @@ class GPU:
     inter_latency_s: float  # per hop between nodes
 
     def __post_init__(self) -> None:
-        for name in ("peak_flops", "memory_bytes", "nvlink_bw", "network_bw", "gpus_per_node",
+        for name in ("peak_flops", "memory_bytes", "memory_bw", "nvlink_bw", "network_bw", "gpus_per_node",
                      "intra_latency_s", "inter_latency_s"):
             value = getattr(self, name)
             if not value > 0:
@@ -71,6 +72,8 @@ GPUS: dict[str, GPU] = {
         peak_flops=312e12,
         # A100 80GB HBM2e; nvidia-smi reports 81920 MiB for A100-SXM4-80GB.
         memory_bytes=81920 * _MIB,
+        # A100 datasheet, A100 80GB SXM column: "GPU Memory Bandwidth 2,039GB/s".
+        memory_bw=2039 * _GB,
         # A100 datasheet: "NVLink 600GB/s" (12 third-generation links, both directions) -> 300 GB/s each way.
         nvlink_bw=600 * _GB / 2,
         # DGX A100 datasheet: 8x single-port ConnectX-6 VPI 200 Gb/s HDR InfiniBand, one per GPU -> 25 GB/s.
@@ -86,6 +89,8 @@ GPUS: dict[str, GPU] = {
         peak_flops=1979e12 / 2,
         # H100 SXM 80GB HBM3; nvidia-smi reports 81559 MiB for "NVIDIA H100 80GB HBM3".
         memory_bytes=81559 * _MIB,
+        # H100 datasheet, SXM column: "GPU Memory Bandwidth 3.35TB/s".
+        memory_bw=3350 * _GB,
         # H100 datasheet, SXM: "NVLink 900GB/s" (18 fourth-generation links, both directions) -> 450 GB/s each way.
         nvlink_bw=900 * _GB / 2,
         # DGX H100 datasheet: 8x single-port ConnectX-7 VPI, up to 400 Gb/s InfiniBand/Ethernet, one per GPU -> 50 GB/s.
@@ -98,8 +103,8 @@ GPUS: dict[str, GPU] = {
 # NVIDIA H200 SXM 141GB in a DGX H200: the H100 SXM's Hopper compute, NVLink and DGX network (H200
 # datasheet, nvidia.com/h200, SXM column: "BF16 Tensor Core 1,979 TFLOPS*" with sparsity, "NVLink
 # 900GB/s"; DGX H200 datasheet: 8 GPUs, 8x ConnectX-7 400 Gb/s); only the memory differs: 141GB
-# HBM3e, nvidia-smi reports 143771 MiB for "NVIDIA H200".
-GPUS["h200"] = dataclasses.replace(GPUS["h100"], name="h200", memory_bytes=143771 * _MIB)
+# HBM3e at "4.8TB/s" (H200 datasheet, SXM column), nvidia-smi reports 143771 MiB for "NVIDIA H200".
+GPUS["h200"] = dataclasses.replace(GPUS["h100"], name="h200", memory_bytes=143771 * _MIB, memory_bw=4800 * _GB)
 
 
 def gpu(name: str) -> GPU:
