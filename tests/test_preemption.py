@@ -21,7 +21,7 @@ from meshattn.training.checkpoint import load_reference
 from test_faults import _alive, _children, _workers
 
 ROOT = Path(__file__).parents[1]
-STEPS = 16
+STEPS = 10
 TRAIN = ["-m", "meshattn", "train", "--dp", "2", "--tp", "2", "--batch-size", "4", "--seq-len", "64",
          "--sample-tokens", "0"]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

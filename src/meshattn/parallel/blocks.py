@@ -69,7 +69,7 @@ def plan(q_chunks: list[int], k_chunks: list[int], mask: ChunkMask, k_tiles: boo
     return full + single
 
 
-def _call_args(kind, pair, mask: ChunkMask, dtype):
+def call_args(kind, pair, mask: ChunkMask, dtype):
     """(causal, bias) of one planned call."""
     if kind == PARTIAL:
         return False, mask.bias(*pair, dtype)
@@ -81,12 +81,12 @@ def attend_chunks(q, q_chunks, k, v, k_chunks, mask, scale, kernel, out, lse, k_
     c = q.shape[2] // (len(q_chunks) * mask.factor)  # tokens per tile
     for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask, k_tiles):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
-        causal, bias = _call_args(kind, pair, mask, q.dtype)
+        causal, bias = call_args(kind, pair, mask, q.dtype)
         o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal, scale, kernel, bias)
         merge_(out[:, :, rows], lse[:, :, rows], o, l)
 
 
-def _accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: torch.Tensor) -> torch.Tensor:
+def accumulate(acc: torch.Tensor | None, like: torch.Tensor, region: slice, g: torch.Tensor) -> torch.Tensor:
     """acc[:, :, region] += g, creating acc on first use; a block that covers the whole tensor
     becomes the accumulator itself, saving one full-size buffer."""
     if acc is None:
@@ -104,12 +104,12 @@ def attend_chunks_backward(dout, q, q_chunks, k, v, k_chunks, out, lse, mask, sc
     dk = dv = None
     for (qa, qb), (ka, kb), kind, pair in plan(q_chunks, k_chunks, mask, k_tiles):
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
-        causal, bias = _call_args(kind, pair, mask, q.dtype)
+        causal, bias = call_args(kind, pair, mask, q.dtype)
         g_q, g_k, g_v = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
                                        out[:, :, rows], lse[:, :, rows], causal, scale, kernel, bias)
-        dq = _accumulate(dq, q, rows, g_q)
-        dk = _accumulate(dk, k, cols, g_k)
-        dv = _accumulate(dv, v, cols, g_v)
+        dq = accumulate(dq, q, rows, g_q)
+        dk = accumulate(dk, k, cols, g_k)
+        dv = accumulate(dv, v, cols, g_v)
         del g_q, g_k, g_v  # one block's gradients alive at a time
     z = zeros_accumulator  # where nothing attended
     return (z(q) if dq is None else dq), (z(k) if dk is None else dk), (z(v) if dv is None else dv)

@@ -34,7 +34,7 @@ from torch.autograd import Function
 
 from ..comm import Axis, send_recv_start
 from ..model.attention import block_backward
-from .blocks import (ChunkAttention, _accumulate, _call_args, acc_dtype, attend_chunks, attend_chunks_backward,
+from .blocks import (ChunkAttention, accumulate, call_args, acc_dtype, attend_chunks, attend_chunks_backward,
                      empty_accumulators, plan, zeros_accumulator)
 from .chunkmask import ChunkMask
 
@@ -158,10 +158,10 @@ def _share_backward(dout, q, k, v, calls, c: int, out, lse, mask, scale, kernel,
     share = []
     for (qa, qb), (ka, kb), kind, pair in calls:
         rows, cols = slice(qa * c, qb * c), slice(ka * c, kb * c)
-        causal, bias = _call_args(kind, pair, mask, q.dtype)
+        causal, bias = call_args(kind, pair, mask, q.dtype)
         g_q, g_k, g_v = block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
                                        out[:, :, rows], lse[:, :, rows], causal, scale, kernel, bias)
-        dq = _accumulate(dq, q, rows, g_q)
+        dq = accumulate(dq, q, rows, g_q)
         del g_q
         share.append((cols, g_k, g_v))
     return dq, share

@@ -241,7 +241,7 @@ def _block_backward(m: _Mem, z: _Shape, rows: int, cols: int):
 
 
 def _accumulate(m: _Mem, z: _Shape, acc, whole: bool, g: int, nbytes: int, kind: str):
-    """blocks._accumulate: the first block of the whole size becomes the accumulator (copied to
+    """blocks.accumulate: the first block of the whole size becomes the accumulator (copied to
     fp32 for low precision), else a zero-filled one of nbytes takes it (added into in place)."""
     if acc is not None:
         return acc
