@@ -17,7 +17,7 @@ What is measured, all float32 on the CPU:
   at the thread count `meshattn.launch` gives it (cores // world): what a rank of `meshattn bench`
   gets, on the bench model's shapes ("copy": the copy bandwidth in bytes/s, read + write). The
   slowest rank's rate (a step ends when the last rank does); the ranks start together after one
-  barrier and then run back to back, as in a training step.
+  barrier and then run back to back for `sustain_s` (a second), as in a training step.
 - `collectives[kind][world]`: an alpha-beta fit `seconds = latency_s + payload_bytes / bandwidth`
   of each gloo collective over payloads from ~1 KiB to ~16 MiB, `world` local ranks. Payload is the
   byte counter's convention (comm.py): the size of the full tensor the collective is about, i.e.
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -82,13 +83,15 @@ class Settings:
     payloads: tuple  # collective payload bytes
     repeats: int  # timed repeats of each compute shape and of each collective payload from SMALL_PAYLOAD up
     small_repeats: int  # timed repeats of each smaller payload: cheap, and their times vary most (scheduling)
+    sustain_s: float  # how long each rank computes when all ranks compute at once (the concurrent rates)
 
 
 NORMAL = Settings(linear=((2048, 256, 1024), (4096, 1024, 256), (2048, 1024, 1024)),
                   attention=((2, 8, 1024, 32), (1, 4, 2048, 64)), copy_numel=1 << 24,
-                  payloads=tuple(1 << i for i in range(10, 25, 2)), repeats=5, small_repeats=15)  # 1 KiB..16 MiB
+                  payloads=tuple(1 << i for i in range(10, 25, 2)), repeats=5, small_repeats=15,  # 1 KiB..16 MiB
+                  sustain_s=1.0)
 QUICK = Settings(linear=((512, 256, 256),), attention=((1, 2, 256, 32),), copy_numel=1 << 20,
-                 payloads=(1 << 10, 1 << 16, 1 << 20), repeats=2, small_repeats=3)
+                 payloads=(1 << 10, 1 << 16, 1 << 20), repeats=2, small_repeats=3, sustain_s=0.05)
 
 
 def default_path() -> Path:
@@ -285,13 +288,11 @@ def load(path: Path | str) -> Calibration:
 
 # -- compute ---------------------------------------------------------------------------------------
 
-def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], object] | None = None) -> float:
-    """Median wall time of fn over `repeats` calls after one warm-up call; sync() before each."""
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn over `repeats` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
-        if sync is not None:
-            sync()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -302,7 +303,21 @@ def _randn(*shape: int, gen: torch.Generator, grad: bool = False) -> torch.Tenso
     return torch.randn(*shape, generator=gen).requires_grad_(grad)
 
 
-def _linear_rate(shapes, repeats: int, backward: bool, sync=None) -> float:
+def _sustained_seconds(fn: Callable[[], object], seconds: float) -> float:
+    """Mean wall time of fn over back-to-back calls for at least `seconds` (after one warm-up): the
+    rate a process sustains while others share its cores. The OS scheduler is fair over a second,
+    not over one short call, so short calls' medians misjudge a shared core."""
+    fn()
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return elapsed / calls
+
+
+def _linear_rate(shapes, timer: Callable[[Callable[[], object]], float], backward: bool) -> float:
     """FLOP/s of F.linear over `shapes` (m, k, n): total FLOPs / total median seconds. Forward
     2 m k n; with backward (dx = g W and dW = g^T x) 3x that."""
     gen = torch.Generator().manual_seed(0)
@@ -318,12 +333,12 @@ def _linear_rate(shapes, repeats: int, backward: bool, sync=None) -> float:
             x.grad = w.grad = None
             F.linear(x, w).backward(g)
 
-        seconds += _median_seconds(step, repeats, sync)
+        seconds += timer(step)
         flops += (3 if backward else 1) * 2 * m * k * n
     return flops / seconds
 
 
-def _attention_rate(shapes, repeats: int, sync=None) -> float:
+def _attention_rate(shapes, timer: Callable[[Callable[[], object]], float]) -> float:
     """FLOP/s of causal SDPA forward + backward over `shapes` (B, H, S, D), counted as the planner
     does: 3 x 4 B H D S(S+1)/2."""
     gen = torch.Generator().manual_seed(0)
@@ -336,16 +351,16 @@ def _attention_rate(shapes, repeats: int, sync=None) -> float:
             q.grad = k.grad = v.grad = None
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
 
-        seconds += _median_seconds(step, repeats, sync)
+        seconds += timer(step)
         flops += 3 * 4 * b * h * d * (s * (s + 1) // 2)
     return flops / seconds
 
 
-def _copy_rate(numel: int, repeats: int) -> float:
+def _copy_rate(numel: int, timer: Callable[[Callable[[], object]], float]) -> float:
     """Bytes/s of dst.copy_(src), float32, read + write counted."""
     src = torch.ones(numel)
     dst = torch.empty(numel)
-    return 2 * src.nbytes / _median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.nbytes / timer(lambda: dst.copy_(src))
 
 
 def _thread_counts(cores: int) -> list[int]:
@@ -381,11 +396,12 @@ def _collectives_worker(settings: Settings, out: str) -> None:
     to `out`, taking the slowest rank's rate and, per repeat, the slowest rank's time."""
     rank, world = dist.get_rank(), dist.get_world_size()
     rates = {}
-    for kind, job in (("matmul", lambda: _linear_rate(settings.linear[:1], settings.repeats, backward=True)),
-                      ("attention", lambda: _attention_rate(settings.attention[:1], settings.repeats)),
-                      ("copy", lambda: _copy_rate(settings.copy_numel, settings.repeats))):
-        dist.barrier()  # start together, then back to back as a training step runs (a barrier per
-        rates[kind] = job()  # repeat would let the early rank's wait steal the late rank's core)
+    sustained = functools.partial(_sustained_seconds, seconds=settings.sustain_s)
+    for kind, job in (("matmul", lambda: _linear_rate(settings.linear[:1], sustained, backward=True)),
+                      ("attention", lambda: _attention_rate(settings.attention[:1], sustained)),
+                      ("copy", lambda: _copy_rate(settings.copy_numel, sustained))):
+        dist.barrier()  # start together, then back to back for a while, as a training step runs (a
+        rates[kind] = job()  # barrier per short call would let an early rank's wait steal a late one's core)
     times: dict[str, list] = {}
     for kind in KINDS:
         for payload in settings.payloads:
@@ -443,10 +459,11 @@ def measure(world_sizes=(2, 4), quick: bool = False, progress: bool = True) -> C
     rates: dict[str, dict[int, float]] = {k: {} for k in ("matmul", "matmul_forward", "attention", "memory")}
     threads_before = torch.get_num_threads()
     steps = 4 * len(counts) + len(world_sizes)
-    jobs = {"matmul": lambda: _linear_rate(settings.linear, settings.repeats, backward=True),
-            "matmul_forward": lambda: _linear_rate(settings.linear, settings.repeats, backward=False),
-            "attention": lambda: _attention_rate(settings.attention, settings.repeats),
-            "memory": lambda: _copy_rate(settings.copy_numel, settings.repeats)}
+    median = functools.partial(_median_seconds, repeats=settings.repeats)
+    jobs = {"matmul": lambda: _linear_rate(settings.linear, median, backward=True),
+            "matmul_forward": lambda: _linear_rate(settings.linear, median, backward=False),
+            "attention": lambda: _attention_rate(settings.attention, median),
+            "memory": lambda: _copy_rate(settings.copy_numel, median)}
     with tqdm(total=steps, desc="calibrate", file=sys.stderr, disable=not progress, leave=False) as bar:
         try:
             with torch.enable_grad():
