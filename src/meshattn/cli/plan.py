@@ -6,6 +6,7 @@ Every bad input is refused here with one line (ConfigError -> `meshattn: error: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def plan_command(a: argparse.Namespace) -> int:
     if a.micro_batch is not None:
         check_at_least(a, 1, "micro_batch")
     if seq > model.max_seq_len:
-        model = _replace(model, max_seq_len=seq)
+        model = dataclasses.replace(model, max_seq_len=seq)
     job = Job(seq, batch)
     if a.gpu == "this":
         cluster = HostCluster(calibration or _load_calibration(a), a.gpus)
@@ -104,12 +105,6 @@ def _model(a) -> ModelConfig:
         return model_from_sizes(a.hidden_size, a.layers, a.heads, a.kv_heads, a.ffn_size, a.vocab_size)
     except ValueError as e:  # ConfigError is a ValueError too
         raise ConfigError(str(e)) from None
-
-
-def _replace(model: ModelConfig, **changes) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(model, **changes)
 
 
 def _calibration(a):

@@ -102,10 +102,8 @@ def estimate(model: ModelConfig, job: Job, plan: Plan, cluster, stack: Stack = M
     whole = step_flops(model, job.global_batch, S, plan.recompute, causal=causal_pairs)
     est.flops = {"total": whole["total"], "model": step_flops(model, job.global_batch, S, causal=job.causal)["model"]}
     layers = model.n_layers // plan.pp
-    per_layer = activation_bytes_per_layer(
-        model, b, S // p.cp, p.tp, p.sequence_parallel, "none", dtype_bytes=stack.act_bytes,
-        dropout=stack.dropout, attention="fused" if stack.fused_attention else "unfused",
-        residual_bytes=stack.residual_bytes, autocast=stack.autocast)["total"] + _gathered_kv(model, plan, stack, S)
+    layer = _layer_bytes(model, plan, stack, S, "none")  # what one layer saves without recomputation
+    per_layer = layer + _gathered_kv(model, plan, stack, S)
 
     compute = _compute_s(model, job, plan, cluster, stack, micro, per_layer * model.n_layers // plan.pp)
     tp_s = _tp_s(model, plan, cluster, stack, S, micro, layers, compute)
@@ -121,7 +119,7 @@ def estimate(model: ModelConfig, job: Job, plan: Plan, cluster, stack: Stack = M
                   "elementwise": compute["elementwise"], "tp": tp_s, "cp": cp_s, "pipeline": pipe, "dp": dp_s,
                   "optimizer": optim}
     est.time_s["step"] = compute["total"] + tp_s + cp_s + pipe + dp_s + optim
-    est.memory_bytes = _memory(model, job, plan, stack, micro, per_layer)
+    est.memory_bytes = _memory(model, job, plan, stack, micro, per_layer, layer)
     return est
 
 
@@ -241,22 +239,29 @@ def _dp_s(model, plan, cluster, stack, micro, compute) -> float:
     return t
 
 
-def _memory(model, job, plan, stack, micro, per_layer) -> dict:
+def _layer_bytes(model, plan, stack, S, recompute) -> int:
+    """memory.activation_bytes_per_layer's total for this plan's micro-batch, S/cp tokens, tp split
+    and the stack's precision, dropout and attention kernel."""
+    p = plan.parallel
+    return activation_bytes_per_layer(
+        model, plan.micro_batch, S // p.cp, p.tp, p.sequence_parallel, recompute, dtype_bytes=stack.act_bytes,
+        dropout=stack.dropout, attention="fused" if stack.fused_attention else "unfused",
+        residual_bytes=stack.residual_bytes, autocast=stack.autocast)["total"]
+
+
+def _memory(model, job, plan, stack, micro, per_layer, layer) -> dict:
     p = plan.parallel
     states = state_bytes(model, p.tp, p.dp * p.cp, plan.shard, p.splits_vocab(model), stack.weight_bytes,
                          stack.grad_bytes, stack.optim_bytes)
     out = {k: states[k] / plan.pp for k in ("weights", "gradients", "optimizer")}
     b, s = plan.micro_batch, job.seq_len // p.cp
     if plan.recompute != "none":
-        per_layer = activation_bytes_per_layer(
-            model, b, s, p.tp, p.sequence_parallel, plan.recompute, dtype_bytes=stack.act_bytes,
-            dropout=stack.dropout, attention="fused" if stack.fused_attention else "unfused",
-            residual_bytes=stack.residual_bytes, autocast=stack.autocast)["total"]
+        per_layer = _layer_bytes(model, plan, stack, job.seq_len, plan.recompute)
     in_flight = min(plan.pp, micro)
     if plan.interleave > 1:
         in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.interleave)
     out["activations"] = per_layer * model.n_layers / plan.pp * in_flight + _head_bytes(model, p, stack, b * s)
-    out["buffers"] = _buffers(model, plan, stack, b, job.seq_len)
+    out["buffers"] = _buffers(model, plan, stack, b, job.seq_len, layer)
     out["total"] = sum(out.values())
     return out
 
@@ -283,7 +288,7 @@ def _head_bytes(model, p, stack, tokens: int) -> int:
     return tokens * (8 + h * norm_r + stats + model.d_model * stack.act_bytes + vocab * 4 + 8 + 1 + 4)
 
 
-def _buffers(model, plan, stack, b, S) -> float:
+def _buffers(model, plan, stack, b, S, layer) -> float:
     """Bytes alive during one layer beyond what is saved: the context-parallel impl's transfer
     buffers, one recomputed layer's activations, ZeRO-3's gathered layer."""
     p = plan.parallel
@@ -292,11 +297,8 @@ def _buffers(model, plan, stack, b, S) -> float:
         out += context_buffer_bytes(p.cp_impl, p.cp, b, model.n_heads // p.tp, max(model.n_kv_heads // p.tp, 1),
                                     S, model.head_dim, stack.act_bytes, ulysses_size=p.ulysses_size,
                                     overlap=stack.overlap_cp, layout=p.cp_layout)["total"]
-    if plan.recompute != "none":
-        out += activation_bytes_per_layer(
-            model, b, S // p.cp, p.tp, p.sequence_parallel, "none", dtype_bytes=stack.act_bytes,
-            dropout=stack.dropout, attention="fused" if stack.fused_attention else "unfused",
-            residual_bytes=stack.residual_bytes, autocast=stack.autocast)["total"]
+    if plan.recompute != "none":  # the layer being recomputed holds what it would have saved
+        out += layer
     if plan.shard == "zero3":  # one layer's weights gathered at a time
         out += params_per_rank(model, p.tp, p.splits_vocab(model))["layer"] * stack.act_bytes
     return out
