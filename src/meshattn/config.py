@@ -63,6 +63,9 @@ Recompute = _option("Recompute", "none attention block",
 VocabParallel = _option("VocabParallel", "auto on off",
                         "Split the embedding and LM head over tp (on), keep them whole (off), or decide (auto).")
 OnNonfinite = _option("OnNonfinite", "stop skip", "A non-finite loss or gradient norm: stop the run, or skip the step.")
+MoeDispatch = _option("MoeDispatch", "all_to_all gather",
+                      "How tokens reach their experts' ranks (parallel/moe.py): all-to-all dispatch and combine, or "
+                      "all-gather before the experts and reduce-scatter after.")
 
 
 class CpImpl(Option):
@@ -154,13 +157,24 @@ class ModelConfig:
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention: a query sees the last `window` keys
     document_positions: bool = True  # with packed documents, positions restart at each document
+    # Mixture of experts (model/moe.py). n_experts = 0 is a dense model.
+    n_experts: int = 0  # routed experts per MoE layer
+    top_k: int = 2  # experts per token; their gates are the softmax probabilities renormalised over the k
+    expert_ffn: int | None = None  # hidden size of each routed expert (None: d_ff)
+    n_shared_experts: int = 0  # shared experts every token passes through (one SwiGLU of this many x expert_ffn)
+    dense_layers: int = 0  # the first layers keep the dense MLP (DeepSeek's first_k_dense_replace)
+    aux_loss_coef: float = 0.01  # the load-balancing loss's weight (summed over MoE layers)
+    z_loss_coef: float = 0.001  # the router z-loss's weight (summed over MoE layers)
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(c * N * k / E) tokens
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
-        for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size", "max_seq_len"):
+        if self.expert_ffn is None:
+            object.__setattr__(self, "expert_ffn", self.d_ff)
+        for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size", "max_seq_len", "expert_ffn"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.d_model % self.n_heads:
@@ -179,15 +193,55 @@ class ModelConfig:
                               "`window` keys, itself included)")
         for name, option in (("norm", Norm), ("position", Position), ("activation", Activation)):
             object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
+        self._check_moe()
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(
                 f"rotary positions need an even head_dim, got d_model/n_heads={self.head_dim}; "
                 "change d_model or n_heads, or use position='learned'"
             )
 
+    def _check_moe(self) -> None:
+        for name in ("n_experts", "n_shared_experts", "dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
+        if self.n_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.dense_layers >= self.n_layers:
+            raise ConfigError(f"dense_layers={self.dense_layers} leaves no MoE layer among n_layers={self.n_layers}; "
+                              f"use dense_layers < {self.n_layers} (or n_experts=0 for a dense model)")
+        c = self.capacity_factor
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
+            raise ConfigError(f"capacity_factor={c!r} must be None (dropless) or a number > 0 (e.g. 1.25)")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether block i's feed-forward is a mixture of experts (else the dense MLP)."""
+        return self.n_experts > 0 and i >= self.dense_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.moe_layer(i) for i in range(self.n_layers))
+
+    def moe_params(self) -> tuple[int, int]:
+        """Parameters of one MoE feed-forward layer: (all of them, those one token uses)."""
+        h, f = self.d_model, self.expert_ffn
+        expert = 3 * h * f  # SwiGLU: gate, up, down
+        router, shared = self.n_experts * h, self.n_shared_experts * expert
+        return router + shared + self.n_experts * expert, router + shared + self.top_k * expert
 
     def num_params(self) -> int:
         h, f, v, b = self.d_model, self.d_ff, self.vocab_size, int(self.bias)
@@ -198,7 +252,8 @@ class ModelConfig:
         mlp = n_fc * (h + b) * f + (f + b) * h
         emb = v * h + (self.max_seq_len * h if self.position == "learned" else 0)
         head = 0 if self.tie_embeddings else v * h
-        return self.n_layers * (attn + mlp + 2 * norm) + emb + head + norm
+        moe = self.n_moe_layers * (self.moe_params()[0] - mlp)
+        return self.n_layers * (attn + mlp + 2 * norm) + moe + emb + head + norm
 
 
 # Named presets. Vocabulary sizes are padded to a multiple of 64 (as nanoGPT pads GPT-2's
@@ -217,6 +272,17 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-1b": ModelConfig(d_model=2048, n_heads=32, n_kv_heads=8, n_layers=16, d_ff=8192,
                             vocab_size=128256, max_seq_len=8192, norm="rmsnorm", position="rope",
                             activation="swiglu", tie_embeddings=True, rope_theta=500000.0),
+    # DeepSeek/Mixtral-shaped and CPU-sized: a dense first layer, then 8 routed SwiGLU experts (top-2)
+    # beside one shared expert; 1.8M parameters, 0.9M active per token.
+    "moe-tiny": ModelConfig(d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, d_ff=512, vocab_size=256,
+                            max_seq_len=256, norm="rmsnorm", position="rope", activation="swiglu",
+                            n_experts=8, top_k=2, expert_ffn=128, n_shared_experts=1, dense_layers=1),
+    # DeepSeek-V2-Lite's sizes for the planner: 64 routed experts of 1408 (top-6) and 2 shared, the
+    # first layer dense (10944). Attention is plain multi-head attention with 16 heads of 128, not
+    # DeepSeek's latent attention (MLA): 15.8B parameters, 2.7B active (15.7B and 2.4B with MLA).
+    "deepseek-v2-lite": ModelConfig(d_model=2048, n_heads=16, n_layers=27, d_ff=10944, vocab_size=102400,
+                                    max_seq_len=4096, norm="rmsnorm", position="rope", activation="swiglu",
+                                    n_experts=64, top_k=6, expert_ffn=1408, n_shared_experts=2, dense_layers=1),
 }
 
 
@@ -251,13 +317,19 @@ class ParallelConfig:
     # Split the embedding and LM head over tp ("on", Megatron's vocab-parallel layers), keep them
     # whole on every tp rank ("off"), or decide from the sizes ("auto"; see splits_vocab).
     vocab_parallel: str = "auto"
+    # Expert parallelism: the MoE layers' experts split over ep ranks. ep borrows the dp x cp x tp
+    # ranks (it adds none): consecutive ranks form an ep group, experts are replicated over the
+    # world / ep groups, and every rank routes its own tokens (see parallel/moe.py).
+    ep: int = 1
+    moe_dispatch: str = "all_to_all"
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "cp"):
+        for name in ("dp", "tp", "cp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name, option in (("cp_impl", CpImpl), ("cp_layout", CpLayout), ("vocab_parallel", VocabParallel)):
+        for name, option in (("cp_impl", CpImpl), ("cp_layout", CpLayout), ("vocab_parallel", VocabParallel),
+                             ("moe_dispatch", MoeDispatch)):
             object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
         if self.impl.needs_ulysses_size:
             check_ulysses_size(self.cp, self.ulysses_size)
@@ -269,6 +341,14 @@ class ParallelConfig:
                               "support; use vocab_parallel='on' (or 'auto') with sequence_parallel")
         if not self.impl.needs_ulysses_size and self.ulysses_size is not None:
             raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
+        if self.world_size % self.ep:
+            raise ConfigError(f"ep={self.ep} must divide the world dp*cp*tp = {self.world_size} (expert parallelism "
+                              f"borrows those ranks); legal ep: {_legal(divisors(self.world_size))}")
+
+    @property
+    def expert_replicas(self) -> int:
+        """Copies of each expert: one per ep group (world / ep)."""
+        return self.world_size // self.ep
 
     @property
     def world_size(self) -> int:
@@ -342,6 +422,12 @@ class ParallelConfig:
     def check_model(self, model: ModelConfig) -> None:
         """Refuse a model this layout cannot split exactly."""
         tp = self.tp
+        if self.ep > 1 and not model.is_moe:
+            raise ConfigError(f"ep={self.ep} splits experts, but the model is dense (n_experts=0); use an MoE model "
+                              "(e.g. --preset moe-tiny) or ep=1")
+        if model.is_moe and model.n_experts % self.ep:
+            raise ConfigError(f"n_experts={model.n_experts} is not divisible by ep={self.ep}; legal ep: "
+                              f"{_legal([e for e in divisors(model.n_experts) if self.world_size % e == 0])}")
         if model.n_heads % tp:
             legal = [t for t in divisors(model.n_heads) if _kv_ok(model.n_kv_heads, t)]
             raise ConfigError(

@@ -10,6 +10,8 @@ A layout name is either a peer or a meshattn mesh:
     dp2xtp2             axes joined by "x", any order: dp<N>, tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]]
     cp2:ring            context parallelism: impl ring | ulysses | allgather | hybrid<U>
     cp4:hybrid2:zigzag  (U = the Ulysses group size), layout zigzag (default) | contiguous
+    dp4xep4             expert parallelism (MoE models) over ranks the other axes already hold:
+                        ep<N>[:all_to_all|:gather], the token dispatch (default all_to_all)
     tp2@block           any meshattn layout with activation checkpointing: @attention or @block
 
 `default_layouts(world, ...)` lists every valid dp/tp/cp/impl combination for a world size with
@@ -53,6 +55,8 @@ class Layout:
         if p.tp > 1 or p.sequence_parallel:
             vocab = {"auto": "", "on": "+vp", "off": "+wv"}[p.vocab_parallel]
             parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else "") + vocab)
+        if p.ep > 1:
+            parts.append(f"ep{p.ep}" + ("" if p.moe_dispatch == "all_to_all" else f":{p.moe_dispatch}"))
         name = "x".join(parts) or "dp1"
         return name if self.checkpoint == "none" else f"{name}@{self.checkpoint}"
 
@@ -80,11 +84,17 @@ def parse_layout(name: str) -> Layout:
     sizes = {"dp": 1, "tp": 1, "cp": 1}
     extra: dict = {}
     for part in text.split("x"):
+        m = re.fullmatch(r"ep(\d+)(?::(all_to_all|gather))?", part)
+        if m:
+            extra["ep"] = int(m.group(1))
+            if m.group(2):
+                extra["moe_dispatch"] = m.group(2)
+            continue
         m = re.fullmatch(r"(dp|tp|cp)(\d+)(\+sp)?(\+vp|\+wv)?(?::([a-z]+)(\d+)?)?(?::([a-z]+))?", part)
         if not m or ((m.group(3) or m.group(4)) and m.group(1) != "tp") or (m.group(5) and m.group(1) != "cp"):
             raise ConfigError(f"layout {name!r}: cannot read {part!r}; write e.g. single, native-tp2, tp2, tp2+sp, "
                               "tp2+wv, dp2xtp2, cp2:ring, cp2:ulysses:contiguous, cp4:hybrid2 (axes dp<N>, "
-                              "tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]] joined by 'x'; impl one of "
+                              "tp<N>[+sp][+vp|+wv], cp<N>[:impl[:layout]], ep<N>[:all_to_all|:gather] joined by 'x'; impl one of "
                               f"{', '.join(CpImpl.names())})")
         axis, size = m.group(1), int(m.group(2))
         sizes[axis] = size
