@@ -268,3 +268,71 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, axis: Axis) -
     _check_divisible(x, scatter_dim, axis, "all_to_all")
     return _Adjoint.apply(x, lambda t: _all_to_all(t, scatter_dim, gather_dim, axis, "fwd"),
                           lambda g: _all_to_all(g, gather_dim, scatter_dim, axis, "bwd"))
+
+
+# -- variable-size collectives (tokens routed to experts) ----------------------------------------
+
+def all_to_all_counts(counts: torch.Tensor, axis: Axis, phase: str = "fwd") -> torch.Tensor:
+    """Exchange integer counts: counts (p * c,) whose block j goes to rank j -> (p * c,) whose
+    block j came from rank j. Not differentiable."""
+    if axis.size == 1:
+        return counts
+    counts = counts.contiguous()
+    out = torch.empty_like(counts)
+    axis.record("all_to_all", phase, counts)
+    dist.all_to_all_single(out, counts, group=axis.group)
+    return out
+
+
+def _all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], axis: Axis, phase: str) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    axis.record("all_to_all", phase, x)
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=axis.group)
+    return out
+
+
+def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], axis: Axis, phase: str = "fwd") -> torch.Tensor:
+    """Rows with variable split sizes: x (sum(send), ...) whose next send[j] rows go to rank j ->
+    (sum(recv), ...) whose next recv[j] rows came from rank j. Every rank takes part, with zero
+    sizes where it has nothing to move. Backward: the same exchange with the sizes swapped.
+    Differentiable when x requires grad; records the rank's send tensor."""
+    if axis.size == 1:
+        return x
+    if not x.requires_grad:
+        return _all_to_all_rows(x, send, recv, axis, phase)
+    return _Adjoint.apply(x, lambda t: _all_to_all_rows(t, send, recv, axis, phase),
+                          lambda g: _all_to_all_rows(g, recv, send, axis, "bwd"))
+
+
+def row_sizes(n: int, axis: Axis) -> list[int]:
+    """How n rows split over the axis by split_rows: the first n % p ranks take one more."""
+    return [len(part) for part in torch.arange(n).tensor_split(axis.size)]
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int], axis: Axis, phase: str) -> torch.Tensor:
+    most = max(sizes)
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, most - x.shape[0]))  # (most, ...)
+    every = all_gather_raw(padded, 0, axis, phase).view(axis.size, most, *x.shape[1:])
+    return torch.cat([every[r, :n] for r, n in enumerate(sizes)])
+
+
+def split_rows(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """This rank's rows of x (n, ...), the same on every rank: tensor_split over the axis (any n).
+    Backward all-gathers the parts' gradients (the adjoint of taking a part of a replicated x)."""
+    if axis.size == 1:
+        return x
+    sizes = row_sizes(x.shape[0], axis)
+    start = sum(sizes[:axis.rank])
+    return _Adjoint.apply(x, lambda t: t[start:start + sizes[axis.rank]].contiguous(),
+                          lambda g: _gather_rows(g, sizes, axis, "bwd"))
+
+
+def gather_rows(x: torch.Tensor, n: int, axis: Axis) -> torch.Tensor:
+    """The n rows that split_rows split, from every rank's part x: all-gather (padded to the
+    largest part) forward; this rank's part of the gradient backward."""
+    if axis.size == 1:
+        return x
+    sizes = row_sizes(n, axis)
+    start = sum(sizes[:axis.rank])
+    return _Adjoint.apply(x, lambda t: _gather_rows(t, sizes, axis, "fwd"),
+                          lambda g: g[start:start + sizes[axis.rank]].contiguous())

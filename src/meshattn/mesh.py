@@ -82,6 +82,17 @@ class ContextGroup:
 
 
 @dataclass(frozen=True)
+class ExpertAxes:
+    """The MoE layers' axes over the same ranks: ep (consecutive ranks splitting the experts), edp
+    (the world / ep copies of one expert, over which expert gradients are summed) and the world
+    (every rank holds different tokens at the MoE layer; the balance loss counts over it)."""
+
+    ep: Axis
+    edp: Axis
+    world: Axis
+
+
+@dataclass(frozen=True)
 class MeshAxes:
     """Every axis a parallel model uses, bound to one byte counter."""
 
@@ -92,6 +103,11 @@ class MeshAxes:
     batch: Axis  # dp x cp together: the ranks holding different tokens, over which gradients average
     context: ContextGroup  # cp, split into ring x ulysses for the hybrid
     hierarchy: Hierarchy | None = None  # the batch axis split into (node, local) for gradient all-reduce
+    experts: ExpertAxes | None = None  # for a mixture-of-experts model
+
+    def shard_axes(self) -> dict[str, Axis]:
+        """The axes parameters are split over, by the name a Shard gives (parallel/shard.py)."""
+        return {"tp": self.tp, "ep": self.experts.ep if self.experts else Axis.single("ep")}
 
 
 def _regroup(mesh: DeviceMesh, shape: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
@@ -121,9 +137,10 @@ class ParallelDims:
     derived group, created once, on every rank, in the same order.
 
     Checks the world size before creating any group, so a wrong layout fails on every rank with
-    the same message and no collective is issued. `axes(n_kv_heads, counter)` hands out the
-    axes a model uses, bound to a byte counter (cheap: no group is created after construction,
-    except the KV replica groups of a model whose n_kv_heads < tp, once per head count).
+    the same message and no collective is issued. `axes(n_kv_heads, counter, moe)` hands out
+    the axes a model uses, bound to a byte counter (cheap: no group is created after construction,
+    except the KV replica groups of a model whose n_kv_heads < tp, once per head count, and the
+    expert groups of the first mixture-of-experts model).
     """
 
     def __init__(self, cfg: ParallelConfig, device: str | None = None):
@@ -144,6 +161,7 @@ class ParallelDims:
         if cfg.cp > 1 and cfg.impl.needs_ulysses_size:
             self._context_split = context_group(self.mesh, "cp", cfg.ulysses_size)
         self._kv: dict[int, DeviceMesh] = {}
+        self._experts: DeviceMesh | None = None
 
     def _kv_mesh(self, n_kv_heads: int) -> DeviceMesh:
         """tp split into (n_kv_heads, tp / n_kv_heads): the ranks sharing one KV head."""
@@ -153,7 +171,16 @@ class ParallelDims:
                                             ("dp", "cp", "kv_shard", "kv"))
         return self._kv[n_kv_heads]
 
-    def axes(self, n_kv_heads: int | None = None, counter: CommCounter | None = None) -> MeshAxes:
+    def _expert_axes(self, counter: CommCounter | None) -> ExpertAxes:
+        """World split into (edp, ep) with ep innermost: an ep group is consecutive ranks."""
+        c = self.cfg
+        if self._experts is None:
+            self._experts = _regroup(self.mesh, (c.expert_replicas, c.ep), ("edp", "ep"))
+        world = Axis.from_group(None, "world").with_counter(counter)
+        return ExpertAxes(Axis.of(self._experts, "ep", counter), Axis.of(self._experts, "edp", counter), world)
+
+    def axes(self, n_kv_heads: int | None = None, counter: CommCounter | None = None,
+             moe: bool = False) -> MeshAxes:
         dp, cp, tp = (Axis.of(self.mesh, name, counter) for name in AXES)
         kv = Axis.single("kv")
         if n_kv_heads is not None and n_kv_heads < tp.size:
@@ -170,4 +197,5 @@ class ParallelDims:
         if self._context_split is not None:
             s = self._context_split
             context = ContextGroup(cp, s.ring.with_counter(counter), s.ulysses.with_counter(counter))
-        return MeshAxes(dp, cp, tp, kv, batch, context, hierarchy)
+        experts = self._expert_axes(counter) if moe else None
+        return MeshAxes(dp, cp, tp, kv, batch, context, hierarchy, experts)

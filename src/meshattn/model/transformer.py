@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .mask import dense_mask, document_positions
+from .moe import MoE
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -122,16 +123,21 @@ def mlp_hidden(fc: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm attention, then the dense MLP or (cfg.moe_layer(layer)) the mixture of experts."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        moe = cfg.moe_layer(layer)
+        self.mlp = None if moe else MLP(cfg)
+        self.moe = MoE(cfg) if moe else None
 
-    def forward(self, x: torch.Tensor, rope, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask=None, active=None, stats: list | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, mask)
-        return x + self.mlp(self.norm2(x))
+        h = self.norm2(x)
+        return x + (self.mlp(h) if self.moe is None else self.moe(h, active, stats))
 
 
 class Transformer(nn.Module):
@@ -140,7 +146,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -153,7 +159,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms keep their ones/zeros; biases below
-            scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith("proj.weight") else 1.0
+            output = name.endswith("proj.weight") or name.endswith("experts.down")
+            scale = (2 * self.cfg.n_layers) ** -0.5 if output else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -171,11 +178,14 @@ class Transformer(nn.Module):
         return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None):
-        """ids (B, S) -> logits (B, S, V), and the mean next-token loss over targets (B, S) that
-        are not -100. documents (B, S): per-token document ids of packed sequences (negative:
-        padding); attention stays inside a document and, with cfg.document_positions, positions
-        restart at each document. cfg.window: sliding-window attention."""
+                documents: torch.Tensor | None = None, stats: dict | None = None):
+        """ids (B, S) -> logits (B, S, V), and the loss: the mean next-token loss over targets
+        (B, S) that are not -100, plus, for a mixture of experts, aux_loss_coef and z_loss_coef
+        times the sum over MoE layers of their load-balancing and z-losses. documents (B, S):
+        per-token document ids of packed sequences (negative: padding, which no expert takes);
+        attention stays inside a document and, with cfg.document_positions, positions restart at
+        each document. cfg.window: sliding-window attention. `stats`, a dict, receives
+        "lm_loss" (the next-token loss alone) and "moe": per MoE layer {"aux", "z", "counts"}."""
         S = ids.shape[1]
         positions = torch.arange(S, device=ids.device)
         if documents is not None and self.cfg.document_positions:
@@ -185,10 +195,23 @@ class Transformer(nn.Module):
         mask = None
         if documents is not None or self.cfg.window is not None:
             mask = dense_mask(S, True, self.cfg.window, documents, ids.device)  # the oracle: (B | 1, 1, S, S)
+        active = None if documents is None else documents >= 0  # (B, S): padding goes to no expert
+        layers: list = []
         for block in self.blocks:
-            x = block(x, rope, mask)
+            x = block(x, rope, mask, active, layers)
         logits = self.head(self.norm(x))  # (B, S, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if stats is not None:
+                stats["lm_loss"] = loss.detach()
+            if layers:
+                loss = loss + moe_penalty(self.cfg, layers).to(loss.dtype)
+        if stats is not None:
+            stats["moe"] = layers
         return logits, loss
+
+
+def moe_penalty(cfg: ModelConfig, layers: list) -> torch.Tensor:
+    """aux_loss_coef * sum of the layers' load-balancing losses + z_loss_coef * sum of their z-losses."""
+    return cfg.aux_loss_coef * sum(s["aux"] for s in layers) + cfg.z_loss_coef * sum(s["z"] for s in layers)

@@ -38,7 +38,8 @@ class ParallelModel(nn.Module):
                  counter: CommCounter | None, split: SequenceSplit | None):
         super().__init__()
         self.cfg, self.axes, self.shards, self.counter, self.split = cfg, axes, shards, counter, split
-        self.inner = wrap_data_parallel(local, axes.batch, hierarchy=axes.hierarchy)
+        self.inner = wrap_data_parallel(local, axes.batch, hierarchy=axes.hierarchy,
+                                        ignore=local.expert_parameter_names())
 
     @property
     def local(self) -> ParallelTransformer:
@@ -59,7 +60,9 @@ class ParallelModel(nn.Module):
         check_token_ids(ids, self.local.cfg.vocab_size)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None):
+                documents: torch.Tensor | None = None, stats: dict | None = None):
+        if stats is not None:
+            return self.inner(ids, targets, documents, stats)
         if documents is None:
             return self.inner(ids, targets)
         return self.inner(ids, targets, documents)
@@ -101,7 +104,7 @@ class ParallelModel(nn.Module):
     def gather_full(self, tensor_of) -> dict[str, torch.Tensor]:
         """Reference-named full tensors from per-parameter local ones, `tensor_of(local name,
         param)` (parameters, gradients, optimizer moments). A collective over tp."""
-        return gather_tensors(self.local, self.shards, self.axes.tp, tensor_of)
+        return gather_tensors(self.local, self.shards, self.axes.shard_axes(), tensor_of)
 
 
 def parallelize(model: Transformer, dims: ParallelDims, counter: CommCounter | None = None,
@@ -111,23 +114,23 @@ def parallelize(model: Transformer, dims: ParallelDims, counter: CommCounter | N
     cfg = dims.cfg
     cfg.check_model(model.cfg)
     recompute = Recompute.parse(recompute, "checkpoint")
-    axes = dims.axes(model.cfg.n_kv_heads, counter)
+    axes = dims.axes(model.cfg.n_kv_heads, counter, moe=model.cfg.is_moe)
     split = SequenceSplit(axes.context, cfg.cp_impl, cfg.cp_layout, cfg.overlap) if cfg.cp > 1 else None
     ref = next(model.parameters())
     local = ParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch, cfg.overlap,
-                                cfg.splits_vocab(model.cfg), recompute)
+                                cfg.splits_vocab(model.cfg), recompute, axes.experts, cfg.moe_dispatch)
     local.to(device=ref.device, dtype=ref.dtype)
     shards = collect_shards(local)
     check_shards(local, shards)
-    load_full_state_dict(local, shards, model.state_dict(), axes.tp.rank, axes.tp.size)
+    load_full_state_dict(local, shards, model.state_dict(), axes.shard_axes())
     return ParallelModel(local, cfg, axes, shards, counter, split)
 
 
 def gather_state_dict(model: ParallelModel, grads: bool = False) -> dict[str, torch.Tensor]:
     """The full single-device state dict (or its gradients), on every rank. Collective over tp."""
-    return gather_full(model.local, model.shards, model.axes.tp, grads=grads)
+    return gather_full(model.local, model.shards, model.axes.shard_axes(), grads=grads)
 
 
 def load_state_dict(model: ParallelModel, state: dict[str, torch.Tensor]) -> None:
     """Load a full single-device state dict into any layout."""
-    load_full_state_dict(model.local, model.shards, state, model.axes.tp.rank, model.axes.tp.size)
+    load_full_state_dict(model.local, model.shards, state, model.axes.shard_axes())

@@ -50,10 +50,13 @@ def _hierarchical_allreduce(h, bucket):
 
 
 def wrap_data_parallel(module: nn.Module, dp_axis: Axis, bucket_cap_mb: float = 25.0,
-                       hierarchy: Hierarchy | None = None) -> nn.Module:
-    """DDP over the dp group; the module itself when dp == 1 (there is nothing to average)."""
+                       hierarchy: Hierarchy | None = None, ignore: list[str] = ()) -> nn.Module:
+    """DDP over the dp group; the module itself when dp == 1 (there is nothing to average).
+    `ignore`: names of parameters whose gradients are reduced elsewhere (expert-parallel ones)."""
     if dp_axis.size == 1:
         return module
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(ignore))
     # The model has no buffers (rotary tables are recomputed), so DDP has none to broadcast.
     ddp = DistributedDataParallel(module, process_group=dp_axis.group, bucket_cap_mb=bucket_cap_mb)
     if hierarchy is not None:

@@ -2,8 +2,9 @@
 
 Every parameter of a parallel model carries a `Shard`: the reference parameter it came from,
 the slice [start, stop) of that parameter along `dim` it belongs to (a fused QKV weight is three
-such slices), and into how many `parts` that slice is split over the tp axis. parts == tp: rank r
-holds part r; parts < tp: each part is replicated on tp/parts consecutive ranks (KV heads when
+such slices), and into how many `parts` that slice is split over its mesh axis (`axis`: "tp",
+or "ep" for the experts of a mixture-of-experts layer). parts == axis size: rank r holds part r;
+parts < size: each part is replicated on size/parts consecutive ranks (KV heads when
 n_kv_heads < tp); parts == 1: replicated everywhere.
 
 This one description drives slicing a full state dict into local parameters and gathering
@@ -29,6 +30,7 @@ class Shard:
     parts: int = 1
     start: int = 0
     stop: int | None = None  # None: to the end of `dim`
+    axis: str = "tp"  # the mesh axis the parts are split over ("tp" or "ep")
 
     @property
     def span(self) -> int:
@@ -96,8 +98,9 @@ def check_shards(module: nn.Module, shards: dict[str, Shard]) -> None:
 
 @torch.no_grad()
 def load_full_state_dict(module: nn.Module, shards: dict[str, Shard], state: dict[str, torch.Tensor],
-                         tp_rank: int, tp: int) -> None:
-    """Copy this rank's slices of a full (reference-named) state dict into the local parameters."""
+                         axes: dict[str, Axis]) -> None:
+    """Copy this rank's slices of a full (reference-named) state dict into the local parameters;
+    `axes` maps a Shard's axis name to the Axis it is split over (MeshAxes.shard_axes)."""
     wanted = {s.name for s in shards.values()}
     absent = sorted(wanted - state.keys())
     if absent:
@@ -108,32 +111,34 @@ def load_full_state_dict(module: nn.Module, shards: dict[str, Shard], state: dic
         if tuple(full.shape) != shard.full_shape:
             raise ValueError(f"{shard.name}: state dict has shape {tuple(full.shape)}, "
                              f"the model expects {shard.full_shape}")
-        p.copy_(shard.take(full, tp_rank, tp))
+        axis = axes[shard.axis]
+        p.copy_(shard.take(full, axis.rank, axis.size))
 
 
 @torch.no_grad()
-def gather_full(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
+def gather_full(module: nn.Module, shards: dict[str, Shard], axes: dict[str, Axis],
                 grads: bool = False) -> dict[str, torch.Tensor]:
-    """The full reference-named state dict (or gradients) on every rank of the tp axis.
+    """The full reference-named state dict (or gradients) on every rank.
 
-    A collective over tp: every tp rank must call it. Parameters without a gradient give zeros.
+    A collective over the shards' axes: every rank must call it. Parameters without a gradient
+    give zeros.
     """
     def value(name: str, p: torch.Tensor) -> torch.Tensor:
         return p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
 
-    return gather_tensors(module, shards, tp_axis, value)
+    return gather_tensors(module, shards, axes, value)
 
 
 @torch.no_grad()
-def gather_tensors(module: nn.Module, shards: dict[str, Shard], tp_axis: Axis,
+def gather_tensors(module: nn.Module, shards: dict[str, Shard], axes: dict[str, Axis],
                    tensor_of: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full reference-named tensors from per-parameter local ones shaped like their parameter
     (the parameters, their gradients, an optimizer's moments): `tensor_of(local name, param)`.
-    A collective over tp."""
-    axis = tp_axis.with_counter(None)  # not training traffic
+    A collective over the shards' axes (MeshAxes.shard_axes)."""
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         shard = shards[name]
+        axis = axes[shard.axis].with_counter(None)  # not training traffic
         t = tensor_of(name, p)
         if shard.parts == 1 or axis.size == 1:
             region = t.clone()

@@ -18,8 +18,10 @@ from ..comm import Axis, copy_to_group
 from ..config import ModelConfig, Recompute
 from ..model.norm import rms_norm
 from ..model.mask import document_positions
-from ..model.transformer import attend_split, mlp_hidden, rotary_tables
+from ..mesh import ExpertAxes
+from ..model.transformer import attend_split, mlp_hidden, moe_penalty, rotary_tables
 from .context import batch_mask, local_attention
+from .moe import ParallelMoE
 from .recompute import checkpointed
 from .region import Region
 from .shard import Shard, ShardedModule, linear_shards
@@ -106,24 +108,27 @@ class ParallelNorm(ShardedModule):
 
 
 class ParallelBlock(nn.Module):
-    """Pre-norm attention and MLP; under Recompute.BLOCK only the block's input is kept for
-    backward, which recomputes the rest (its forward collectives included)."""
+    """Pre-norm attention and the MLP or the mixture of experts (moe.py); under Recompute.BLOCK
+    only the block's input is kept for backward, which recomputes the rest (its forward
+    collectives included)."""
 
     def __init__(self, cfg: ModelConfig, prefix: str, region: Region, kv_axis: Axis, split=None,
-                 recompute: Recompute = Recompute.NONE):
+                 recompute: Recompute = Recompute.NONE, moe: ParallelMoE | None = None):
         super().__init__()
         self.norm1 = ParallelNorm(cfg, f"{prefix}.norm1", region)
         self.attn = ParallelAttention(cfg, f"{prefix}.attn", region, kv_axis, split, recompute)
         self.norm2 = ParallelNorm(cfg, f"{prefix}.norm2", region)
-        self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region)
+        self.mlp = ParallelMLP(cfg, f"{prefix}.mlp", region) if moe is None else None
+        self.moe = moe
         self.run = checkpointed(self._forward) if recompute is Recompute.BLOCK else self._forward
 
-    def forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
-        return self.run(x, rope, mask, table)
+    def forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None) -> torch.Tensor:
+        return self.run(x, rope, mask, table, active, stats)
 
-    def _forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, mask, table)
-        return x + self.mlp(self.norm2(x))
+        h = self.norm2(x)
+        return x + (self.mlp(h) if self.moe is None else self.moe(h, active, stats))
 
 
 class ParallelTransformer(nn.Module):
@@ -132,16 +137,26 @@ class ParallelTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_axis: Axis, kv_axis: Axis, sequence_parallel: bool = False,
                  split=None, batch_axis: Axis | None = None, overlap: bool = True, vocab_parallel: bool = True,
-                 recompute: Recompute = Recompute.NONE):
+                 recompute: Recompute = Recompute.NONE, experts: ExpertAxes | None = None,
+                 moe_dispatch: str = "all_to_all"):
         super().__init__()
         self.cfg, self.tp_axis, self.split, self.batch_axis = cfg, tp_axis, split, batch_axis
         self.region = Region(tp_axis, sequence_parallel, overlap)
         if self.region.sp and not vocab_parallel:
             raise ValueError("a whole (replicated) vocabulary needs the activations replicated over tp; "
                              "use vocab_parallel=True with sequence parallelism")
+        if cfg.is_moe and experts is None:
+            raise ValueError("a mixture-of-experts model needs its expert axes (ParallelDims.axes(..., moe=True))")
         self.vocab_parallel = vocab_parallel and tp_axis.size > 1
         self.tok_emb = VocabParallelEmbedding(cfg, self.region, vocab_parallel)
-        self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis, split, recompute)
+        ranks = 1 if batch_axis is None else batch_axis.size
+
+        def moe(i: int) -> ParallelMoE | None:
+            if not cfg.moe_layer(i):
+                return None
+            return ParallelMoE(cfg, f"blocks.{i}.moe", self.region, experts, ranks, moe_dispatch)
+
+        self.blocks = nn.ModuleList(ParallelBlock(cfg, f"blocks.{i}", self.region, kv_axis, split, recompute, moe(i))
                                     for i in range(cfg.n_layers))
         self.norm = ParallelNorm(cfg, "norm", self.region)
         self.head = VocabParallelHead(cfg, self.region, vocab_parallel)
@@ -166,24 +181,51 @@ class ParallelTransformer(nn.Module):
             positions = self.split.positions(S_local, ids.device, table)
         return positions, mask, table
 
+    def expert_parameter_names(self) -> list[str]:
+        """Local names of the expert parameters DDP must not average (moe.py syncs them)."""
+        return [f"blocks.{i}.moe.{name}" for i, block in enumerate(self.blocks) if block.moe is not None
+                for name in block.moe.expert_parameter_names]
+
+    def active(self, documents: torch.Tensor | None, table) -> torch.Tensor | None:
+        """This rank's (B, S') tokens that are not padding (None: all are), S' as the MoE sees them."""
+        if documents is None or not self.cfg.is_moe:
+            return None
+        live = documents >= 0  # (B, S)
+        if self.split is not None:
+            live = self.split.shard(live, 1, table)  # (B, S/cp)
+        return self.region.local_seq(live, 1)  # (B, S/cp/tp) under sequence parallelism
+
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None):
+                documents: torch.Tensor | None = None, stats: dict | None = None):
         """ids (B, S/cp): this rank's chunks -> logits (B, S/cp, V/tp), or (B, S/cp, V) when the
         vocabulary is whole, and the loss (see vocab_parallel_cross_entropy: its average over
-        dp x cp is the global mean). documents (B, S): the *whole* sequences' document ids of
-        these rows (every cp rank holds them; see ParallelModel.shard_batch), from which the
-        batch's chunk table, the mask and the positions follow, alike on every rank."""
+        dp x cp is the global mean; for a mixture of experts it adds this rank's share of the
+        balance and z-losses, scaled to keep that property for the gradients: see moe.py).
+        documents (B, S): the *whole* sequences' document ids of these rows (every cp rank holds
+        them; see ParallelModel.shard_batch), from which the batch's chunk table, the mask and
+        the positions follow, alike on every rank. `stats` receives "lm_loss" (this rank's
+        next-token loss) and "moe" (per MoE layer: this rank's scaled shares of the losses and
+        the batch's expert counts)."""
         positions, mask, table = self.sequence(ids, documents)
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
         rope = None
         if self.cfg.position == "rope":
             rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        active = self.active(documents, table)
+        layers: list = []
         for block in self.blocks:
-            x = block(x, rope, mask, table)
+            x = block(x, rope, mask, table, active, layers)
+        layers = list(layers)  # a block recomputed in backward appends again: keep this forward's
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)
         loss = None
         if targets is not None:
             vocab_axis = self.tp_axis if self.vocab_parallel else Axis.single(self.tp_axis.name)
             loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, vocab_axis,
                                                 self.batch_axis)
+            if stats is not None:
+                stats["lm_loss"] = loss.detach()
+            if layers:
+                loss = loss + moe_penalty(self.cfg, layers).to(loss.dtype)
+        if stats is not None:
+            stats["moe"] = layers
         return logits, loss

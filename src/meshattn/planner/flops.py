@@ -1,10 +1,11 @@
 """FLOPs of the model's forward pass and of a training step, from sizes alone (pure integers).
 
 Convention: a multiply-add is 2 FLOPs, and only matrix products are counted: the Q/K/V, output,
-MLP and LM-head projections and the attention core's Q K^T and P V. Everything else is O(B*S*h)
-elementwise work (embedding lookup, norms, rotary angles, softmax, GELU/SiLU, residual adds,
-biases, the loss) and is left out, as Narayanan et al. 2021 and Korthikanti et al. 2022 leave it
-out; so `step_flops` of their model equals their formulas exactly (see the tests).
+MLP (or router and experts) and LM-head projections and the attention core's Q K^T and P V.
+Everything else is O(B*S*h) elementwise work (embedding lookup, norms, rotary angles, softmax,
+GELU/SiLU, residual adds, biases, the loss, an MoE layer's routing and gating) and is left out,
+as Narayanan et al. 2021 and Korthikanti et al. 2022 leave it out; so `step_flops` of their
+model equals their formulas exactly (see the tests).
 
 Notation: B batch, S sequence, L layers, h = d_model, H query heads, G KV heads, D head dim,
 F = d_ff, V vocabulary. All results are whole-model FLOPs for B sequences of S tokens (not per
@@ -60,7 +61,18 @@ def forward_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = True, c
         mlp        2 B S h F (n + 1)             per layer; n = 1 matmul before the activation
                                                  for GELU, 2 (fc and gate) for SwiGLU
         lm_head    2 B S h V                     once (tied or not: the same matmul)
-        blocks     the four above; total = blocks + lm_head; the embedding lookup is no matmul.
+        blocks     the parts above but the head; total = blocks + lm_head; the embedding
+                   lookup is no matmul.
+
+    Mixture of experts (cfg.is_moe; these keys only then): the first cfg.dense_layers layers keep
+    the dense MLP ("mlp" counts those), every other layer's feed-forward is, per token, its
+    active parameters only (Fe = cfg.expert_ffn, E experts, k = top_k, s shared experts):
+        router         2 B S h E                 per MoE layer (float64 logits: counted as matmul
+                                                 FLOPs all the same)
+        experts        2 B S k (3 h Fe)          per MoE layer: the k routed SwiGLU experts
+                                                 (gate, up, down) of every token; capacity drops
+                                                 are not subtracted (dropless)
+        shared_expert  2 B S (3 h s Fe)          per MoE layer: the shared SwiGLU of s Fe
 
     For MHA, GELU and F = 4h without causal saving a layer is 24 B S h^2 + 4 B S^2 h, as in
     Narayanan et al. 2021, sec. 5.1.
@@ -73,12 +85,24 @@ def forward_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = True, c
         "qkv": L * 2 * n * h * (H + 2 * G) * D,
         "attention": L * 2 * batch * H * D * pairs2,  # = L * 4 B H D pairs: Q K^T and P V
         "out_proj": L * 2 * n * H * D * h,
-        "mlp": L * 2 * n * h * F * (n_fc + 1),
+        "mlp": (L - cfg.n_moe_layers) * 2 * n * h * F * (n_fc + 1),
     }
+    if cfg.is_moe:
+        out.update(moe_forward_flops(cfg, n))
     out["blocks"] = sum(out.values())
     out["lm_head"] = 2 * n * h * cfg.vocab_size
     out["total"] = out["blocks"] + out["lm_head"]
     return out
+
+
+def moe_forward_flops(cfg: ModelConfig, tokens: int) -> dict:
+    """Forward FLOPs of the MoE layers' feed-forward on `tokens` tokens, summed over the MoE
+    layers: router, routed experts (k per token) and shared expert (see forward_flops)."""
+    layers, h, f = cfg.n_moe_layers, cfg.d_model, cfg.expert_ffn
+    swiglu = 2 * tokens * 3 * h * f  # one SwiGLU of width Fe on every token: gate, up, down
+    return {"router": layers * 2 * tokens * h * cfg.n_experts,
+            "experts": layers * cfg.top_k * swiglu,
+            "shared_expert": layers * cfg.n_shared_experts * swiglu}
 
 
 def step_flops(cfg: ModelConfig, batch: int, seq: int, recompute: str = "none", causal: bool = True,

@@ -4,7 +4,8 @@ weights, gradients and optimizer state a rank holds.
     korthikanti_activation_bytes   Korthikanti et al. 2022's per-layer formulas, exactly
     activation_bytes_per_layer     what meshattn's block saves for backward, itemised; reduces to
                                    the paper's formula for the paper's model (see the tests)
-    params_per_rank                parameters one tp rank holds, by part
+    moe_activation_bytes           what an MoE block's feed-forward saves instead of the MLP
+    params_per_rank                parameters one tp rank holds, by part (E/ep experts of an MoE)
     state_bytes                    weights / gradients / optimizer state per rank, with ZeRO
 
 Notation: b micro-batch, s sequence (this rank's, before any tensor-parallel split: pass S/cp
@@ -18,6 +19,7 @@ from fractions import Fraction
 
 from ..config import ModelConfig, ParallelConfig
 from .flops import recompute_mode
+from .moe import check_experts, expert_rows, routed_tokens
 
 ATTENTION_KINDS = ("fused", "unfused")
 SHARD_MODES = ("none", "zero1", "zero2", "zero3")
@@ -63,7 +65,8 @@ def _check_tp(cfg: ModelConfig, tp: int) -> None:
 def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none", dtype_bytes: int = 2,
                                dropout: bool = False, attention: str = "fused", residual_bytes: int | None = None,
-                               repeat_kv: bool = True, small_terms: bool = True, autocast: bool = False) -> dict:
+                               repeat_kv: bool = True, small_terms: bool = True, autocast: bool = False,
+                               ep: int | None = None, imbalance: float = 1.0) -> dict:
     """Bytes one transformer block of meshattn's model keeps for backward on one tp rank, itemised
     (and "total"), following Korthikanti et al. 2022's accounting (sec. 4.1) tensor by tensor.
 
@@ -103,6 +106,10 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
     ("weight_casts": this rank's matmul weights of the block, biases not needed); the region
     entry (parallel/region.py) casts the shared input of Q/K/V (and of fc/gate) once, at any tp.
 
+    ep: None for a block with the dense MLP; an int for an MoE block whose experts are split over
+    ep ranks: the MLP's items are replaced by moe_activation_bytes's (the busiest rank's, at
+    `imbalance`), and its weight casts by the shared expert's and the rank's E/ep experts'.
+
     Checked against the bytes autograd saves (bench.memory.SavedActivations) in the parallel
     model on CPU, float32 and autocast: equal to the byte at tp=1 (tests/test_planner_costs.py,
     without recomputation) and, measured once, in each recompute mode at tp=1 and tp=2 with and
@@ -114,6 +121,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention={attention!r} is unknown; choose one of {ATTENTION_KINDS}")
     _check_tp(cfg, tp)
+    if ep is not None:
+        check_experts(cfg, ep)
     t, b, s, d = tp, micro_batch, seq, dtype_bytes
     sp = sequence_parallel and t > 1
     if sp and s % t:
@@ -153,23 +162,68 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
     if dropout:
         items["attn_out_dropout_mask"] = between
     items["norm2_input"] = between * norm_r
-    items["mlp_input"] = between * d
-    if cfg.activation == "swiglu":
-        items.update(gate=n * f * d, silu=n * f * d, fc=n * f * d, mlp_hidden=n * f * d)
+    if ep is None:
+        items["mlp_input"] = between * d
+        if cfg.activation == "swiglu":
+            items.update(gate=n * f * d, silu=n * f * d, fc=n * f * d, mlp_hidden=n * f * d)
+        else:
+            items.update(fc=n * f * d, mlp_hidden=n * f * d)
+        ffn_weights = n_fc * f * h + h * f
     else:
-        items.update(fc=n * f * d, mlp_hidden=n * f * d)
+        moe = moe_activation_bytes(cfg, b, s, t, between, ep, imbalance, d, r, small_terms)
+        items.update(moe)
+        ffn_weights = 3 * h * (cfg.n_shared_experts * cfg.expert_ffn // t) + cfg.n_experts // ep * 3 * h * cfg.expert_ffn
     if dropout:
         items["mlp_dropout_mask"] = between
     if small_terms:
         per_token = 2 if cfg.norm == "layernorm" else 1  # mean and rstd, or rstd
         items["norm_stats"] = 2 * per_token * (between // h) * stat  # two norms
     if autocast:
-        items["weight_casts"] = ((heads + 2 * local_kv) * D * h + h * heads * D + n_fc * f * h + h * f) * d
+        items["weight_casts"] = ((heads + 2 * local_kv) * D * h + h * heads * D + ffn_weights) * d
     items["total"] = sum(items.values())
     return items
 
 
-def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True) -> dict:
+def moe_activation_bytes(cfg: ModelConfig, micro_batch: int, seq: int, tp: int, between: int, ep: int,
+                         imbalance: float = 1.0, dtype_bytes: int = 2, residual_bytes: int = 4,
+                         small_terms: bool = True) -> dict:
+    """Bytes an MoE feed-forward keeps for backward on the busiest rank of its ep group, itemised
+    (model/moe.py's routing; the parallel layer dispatches the same rows). n = ceil(b s / t) tokens
+    routed by this rank (moe.routed_tokens), m = ceil(x n k) rows its experts compute (x: the
+    imbalance, moe.expert_rows), E experts, k = top_k, Fe = expert_ffn, d = dtype_bytes; the
+    gates keep the input's dtype (residual_bytes: the norm's output keeps the residual's).
+        router_input     n h x 8       the router's float64 copy of its input (its matmul's input)
+        router_logits    n E x 8       float64 logits (the z-loss's log-sum-exp input)
+        router_probs     n E x 8       float64 softmax output (its backward's input)
+        expert_rows      m h d         the dispatched rows: the experts' gate and up input
+        expert_swiglu    4 m Fe d      gate, SiLU(gate), up and their product (down's input)
+        expert_out       n k h d       the combined rows the gates weight (kept for the gates' gradient)
+        shared_input     between d     the shared expert's region entry (as the dense MLP's input)
+        shared_mlp       4 b s sFe/t d the shared SwiGLU of s Fe over tp (s = n_shared_experts)
+        routing          (small terms) top-k probabilities n k x 8, gates n k, slot indices n k x 8,
+                         the router's float64 weight E h x 8
+    `between` is the block's (n, h)-shaped tensor between regions, in elements (memory.py).
+    """
+    h, E, k, F, d = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_ffn, dtype_bytes
+    n = routed_tokens(micro_batch, seq, tp)
+    m = expert_rows(cfg, n, ep, imbalance)
+    items = {
+        "router_input": n * h * 8,
+        "router_logits": n * E * 8,
+        "router_probs": n * E * 8,
+        "expert_rows": m * h * d,
+        "expert_swiglu": 4 * m * F * d,
+        "expert_out": n * k * h * d,
+    }
+    shared = cfg.n_shared_experts * F // tp  # the shared expert's columns on this rank
+    if shared:
+        items.update(shared_input=between * d, shared_mlp=4 * micro_batch * seq * shared * d)
+    if small_terms:
+        items["routing"] = n * k * (8 + residual_bytes + 8) + E * h * 8
+    return items
+
+
+def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True, ep: int = 1) -> dict:
     """Parameters one tp rank holds, by part, as parallel/transformer.py and parallel/vocab.py
     split them (all tp ranks hold equally many):
 
@@ -181,28 +235,40 @@ def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True) 
         head        the same split; 0 when tied to the embedding
         final norm  whole
 
-    Returns layer (one layer), layers (all), embedding, positions, head, final_norm, total, and
-    replicated: the parameters every tp rank holds in full (norms, row-parallel biases,
-    positions, a whole vocabulary), so that for G >= t
-        tp * total == cfg.num_params() + (tp - 1) * replicated
-    and for G < t the K/V rows add (t - G) D (h + bias) each, per layer.
+    An MoE layer (cfg.moe_layer(i)) has the attention and norms above and, instead of the MLP:
+    the router E h (whole on every rank), the shared expert 3 h sFe/t (split over tp like the
+    MLP; s = n_shared_experts, Fe = expert_ffn) and E/ep routed experts of 3 h Fe each (whole:
+    ep splits experts, not their columns), no biases.
+
+    Returns layer (one dense layer), layers (all), embedding, positions, head, final_norm, total,
+    and replicated: the parameters every tp rank holds in full (norms, row-parallel biases,
+    positions, a whole vocabulary, routers), so that for G >= t
+        tp * (total - experts) == cfg.num_params() - routed + (tp - 1) * replicated
+    (routed: every routed expert's parameters, 0 for a dense model) and for G < t the K/V rows
+    add (t - G) D (h + bias) each, per layer. For an MoE model also moe_layer (one MoE layer,
+    its E/ep experts included) and experts (the routed experts' parameters on this rank, all
+    layers: E/ep x 3 h Fe per MoE layer, exactly 1/ep of them).
     """
     t = tp
     split = vocab_parallel and t > 1
     ParallelConfig(tp=t, vocab_parallel="on" if split else "off").check_model(cfg)
+    check_experts(cfg, ep)
     h, D, f, V, bias = cfg.d_model, cfg.head_dim, cfg.d_ff // t, cfg.vocab_size, int(cfg.bias)
     heads, kv_heads = cfg.n_heads // t, max(cfg.n_kv_heads // t, 1)
     n_fc = 2 if cfg.activation == "swiglu" else 1
     norm = h * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     row_bias = h * bias  # the out projection's (and the MLP down projection's) bias: whole
-    layer = ((heads + 2 * kv_heads) * D * (h + bias)  # column-parallel Q, K, V
-             + h * heads * D + row_bias  # row-parallel out projection
-             + n_fc * f * (h + bias) + h * f + row_bias  # MLP
-             + 2 * norm)
+    attention = ((heads + 2 * kv_heads) * D * (h + bias)  # column-parallel Q, K, V
+                 + h * heads * D + row_bias)  # row-parallel out projection
+    layer = attention + n_fc * f * (h + bias) + h * f + row_bias + 2 * norm  # + MLP and norms
     vocab_rows = V // t if split else V
+    n_moe = cfg.n_moe_layers
+    experts = cfg.n_experts // ep * 3 * h * cfg.expert_ffn  # E/ep routed SwiGLU experts, whole
+    router = cfg.n_experts * h
+    moe_layer = attention + router + 3 * h * (cfg.n_shared_experts * cfg.expert_ffn // t) + experts + 2 * norm
     out = {
         "layer": layer,
-        "layers": cfg.n_layers * layer,
+        "layers": (cfg.n_layers - n_moe) * layer + n_moe * moe_layer,
         "embedding": vocab_rows * h,
         "positions": cfg.max_seq_len * h if cfg.position == "learned" else 0,
         "head": 0 if cfg.tie_embeddings else vocab_rows * h,
@@ -210,13 +276,15 @@ def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True) 
     }
     out["total"] = sum(out[k] for k in ("layers", "embedding", "positions", "head", "final_norm"))
     whole_vocab = 0 if split else out["embedding"] + out["head"]
-    out["replicated"] = (cfg.n_layers * (2 * norm + 2 * row_bias) + norm + out["positions"]
-                         + (whole_vocab if t > 1 else 0))
+    out["replicated"] = ((cfg.n_layers - n_moe) * (2 * norm + 2 * row_bias) + n_moe * (2 * norm + row_bias + router)
+                         + norm + out["positions"] + (whole_vocab if t > 1 else 0))
+    if cfg.is_moe:
+        out.update(moe_layer=moe_layer, experts=n_moe * experts)
     return out
 
 
 def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none", vocab_parallel: bool = True,
-                weight_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8) -> dict:
+                weight_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8, ep: int = 1) -> dict:
     """Weights, gradients and optimizer state one rank holds, in bytes.
 
     P = params_per_rank(cfg, tp, vocab_parallel)["total"] (the tp split). Then over the dp ranks
@@ -230,14 +298,28 @@ def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none",
     Defaults: fp32 weights and gradients (meshattn's autocast keeps fp32 master weights), AdamW's
     two fp32 moments (8 bytes per parameter). Transient buffers (ZeRO-3's gathered layer,
     autocast's 16-bit weight copies, communication buckets) are not counted.
-    Returns params (P), weights, gradients, optimizer and total.
+
+    An MoE model's routed experts (P_e = params_per_rank(...)["experts"], E/ep per MoE layer) are
+    held by the edp = dp * tp / ep ranks of the same experts (the world over ep), so ZeRO shards
+    them over edp apart: ceil((P - P_e) / dp) + ceil(P_e / edp), except where edp is the dp group
+    itself (ep = 1, tp = 1: one flat buffer, ceil(P / dp)).
+    Returns params (P), weights, gradients, optimizer and total; for an MoE model also
+    expert_params (P_e) and experts: the bytes of the experts' weights, gradients and optimizer
+    state among the total.
     """
     if shard not in SHARD_MODES:
         raise ValueError(f"shard={shard!r} is unknown; choose one of {SHARD_MODES}")
-    if dp < 1:
-        raise ValueError(f"dp={dp} must be a positive integer")
-    P = params_per_rank(cfg, tp, vocab_parallel)["total"]
-    part = -(-P // dp)  # ceil(P / dp)
+    if dp < 1 or (dp * tp) % ep:
+        raise ValueError(f"dp={dp} must be a positive integer, and dp x tp a multiple of ep={ep}")
+    counts = params_per_rank(cfg, tp, vocab_parallel, ep)
+    P, P_e = counts["total"], counts.get("experts", 0)
+    edp = dp * tp // ep  # ranks holding the same experts
+    if P_e == 0 or (ep == 1 and tp == 1):
+        part = -(-P // dp)  # ceil(P / dp)
+        expert_part = -(-P_e // dp)  # (their share of the flat buffer; unpadded)
+    else:
+        expert_part = -(-P_e // edp)
+        part = -(-(P - P_e) // dp) + expert_part
     level = SHARD_MODES.index(shard)  # how many of optimizer, gradients, weights are sharded
     out = {
         "params": P,
@@ -246,4 +328,8 @@ def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none",
         "optimizer": (part if level >= 1 else P) * optim_bytes,
     }
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"]
+    if cfg.is_moe:
+        own = [expert_part if level >= n else P_e for n in (3, 2, 1)]  # weights, gradients, optimizer
+        out.update(expert_params=P_e,
+                   experts=own[0] * weight_bytes + own[1] * grad_bytes + own[2] * optim_bytes)
     return out

@@ -29,6 +29,7 @@ builds nothing but tensor metadata and refuses anything else by name before call
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -244,17 +245,23 @@ def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConf
     _dcp_load(state, directory)
     load_state_dict(model, {k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
     if opt is not None:
-        tp = model.axes.tp
+        axes = model.axes.shard_axes()
         for _, p, shard in model.named_shards():
+            axis = axes[shard.axis]
             opt.state[p] = {"step": state[f"optim/{shard.name}/step"].float().reshape(()),
-                            **{key: shard.take(state[f"optim/{shard.name}/{key}"], tp.rank, tp.size).clone()
+                            **{key: shard.take(state[f"optim/{shard.name}/{key}"], axis.rank, axis.size).clone()
                                for key in ("exp_avg", "exp_avg_sq")}}
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta
 
 
 def _check_model(meta: dict, cfg: TrainConfig) -> None:
-    saved = meta["config"]["model"]
+    from ..config import ModelConfig
+
+    try:  # fields added since the checkpoint was written take their defaults
+        saved = dataclasses.asdict(ModelConfig(**meta["config"]["model"]))
+    except (TypeError, ValueError):
+        saved = meta["config"]["model"]
     mine = cfg.to_dict()["model"]
     if saved != mine:
         fields = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))

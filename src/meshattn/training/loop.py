@@ -64,6 +64,7 @@ class TrainResult:
     sample: str = ""
     checkpoint: str | None = None
     tokens: int = 0
+    moe: list[dict] = field(default_factory=list)  # per step: aux_loss, z_loss, imbalance, expert_counts
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,9 +79,10 @@ def evaluate(model: ParallelModel, corpus: Corpus, cfg: TrainConfig, batches: in
     for i in range(batches):
         ids, targets, documents = global_batch(corpus, i, cfg, split="val")
         ids, targets, documents = local_batch(model, ids, targets, documents, device)  # (B/dp, S/cp)
+        stats: dict = {}
         with autocast(cfg, device):
-            _, loss = model.local(ids, targets, documents)
-        total += loss.double()
+            model.local(ids, targets, documents, stats)
+        total += stats["lm_loss"].double()
     model.train()
     batch = model.axes.batch
     return all_reduce_(total / (batches * batch.size), batch, "step").item()  # (1,) mean over dp x cp
@@ -121,7 +123,7 @@ def _write_metrics(out: Path, start: int, result: TrainResult, cfg: TrainConfig,
     metrics = {"first_step": start, "losses": result.losses, "grad_norms": result.grad_norms,
                "skipped_steps": result.skipped_steps, "val_loss": result.val_loss,
                "step_times": result.step_times, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
-               "config": cfg.to_dict(), **extra}
+               "config": cfg.to_dict(), **({"moe": result.moe} if result.moe else {}), **extra}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -166,8 +168,12 @@ def train(cfg: TrainConfig, dims: ParallelDims, progress: bool = True, prompt: s
             result.losses.append(loss)
             result.grad_norms.append(norm)
             result.tokens += tokens_per_step
+            if "aux_loss" in report:
+                result.moe.append({k: report[k] for k in ("aux_loss", "z_loss", "imbalance", "expert_counts")})
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / result.step_times[-1]:,.0f}")
+                moe = {} if "aux_loss" not in report else {"aux": f"{report['aux_loss']:.3f}",
+                                                          "load": f"{report['imbalance']:.2f}"}
+                bar.set_postfix(loss=f"{loss:.3f}", **moe, tok_s=f"{tokens_per_step / result.step_times[-1]:,.0f}")
                 bar.update(1)
             last = step + 1 == cfg.steps  # the end of the run saves anyway
             saved = save(step + 1) if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last else None

@@ -62,18 +62,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def grad_norm(model: ParallelModel) -> torch.Tensor:
     """The global L2 norm of the gradient, equal to the reference model's.
 
-    A parameter split into `parts` over tp ranks appears tp/parts times across the tp group, so
-    each rank weights its local sum of squares by parts/tp before the sum over tp.
+    A parameter split into `parts` over the ranks of its axis (tp, or ep for experts) appears
+    size/parts times across that axis, so each rank weights its local sum of squares by
+    parts/size before the sum over the axis; the tp and ep sums add up.
     """
-    tp = model.axes.tp
-    total = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)  # (1,)
+    axes = model.axes.shard_axes()
+    device = next(model.parameters()).device
+    totals = {name: torch.zeros(1, dtype=torch.float64, device=device) for name in axes}  # (1,) each
     seen = set()
     for _, p, shard in model.named_shards():
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.grad.double().pow(2).sum() * (shard.parts / tp.size)
-    return all_reduce_(total, tp, "step").sqrt()[0]  # (1,) summed over tp
+        totals[shard.axis] += p.grad.double().pow(2).sum() * (shard.parts / axes[shard.axis].size)
+    total = sum(all_reduce_(t, axes[name], "step") for name, t in totals.items())  # (1,)
+    return total.sqrt()[0]
 
 
 class NonFiniteError(RuntimeError):
@@ -146,13 +149,16 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    experts = MoeReport()
     micro = [t.chunk(cfg.grad_accum) if t is not None else [None] * cfg.grad_accum for t in (ids, targets, documents)]
     for i, (x, y, d) in enumerate(zip(*micro)):
+        stats: dict = {}
         with model.no_sync(skip=i < cfg.grad_accum - 1):
             with autocast(cfg, device):
-                _, loss = model(x, y, documents=d)
+                _, loss = model(x, y, documents=d, stats=stats)
             (loss * ((scaler.scale if scaler else 1.0) / cfg.grad_accum)).backward()
-        loss_sum += loss.detach().double()
+        loss_sum += stats["lm_loss"].double()
+        experts.add(stats["moe"], model.axes.batch.size)
     norm = grad_norm(model)  # (,) global; the scaled norm under a loss scaler
     if torch.isfinite(norm):
         if scaler is not None:
@@ -169,4 +175,35 @@ def train_step(model: ParallelModel, opt: torch.optim.Optimizer, corpus: Corpus,
             scaler.update(False)
     batch = model.axes.batch
     mean = all_reduce_(loss_sum / (cfg.grad_accum * batch.size), batch, "step")  # (1,) mean over dp x cp
+    if report is not None and experts.layers:
+        report.update(experts.finish(model.axes.experts.world, cfg.grad_accum))
     return mean.item(), norm.item()
+
+
+class MoeReport:
+    """The mixture of experts' step statistics from each micro-batch's stats: the balance and
+    z-losses (mean over MoE layers and micro-batches, summed over the ranks' shares: the batch's
+    values) and the tokens each expert took per layer."""
+
+    def __init__(self):
+        self.layers = 0
+        self.shares = None  # (2,) float64: this rank's aux and z shares, summed
+        self.counts = None  # (layers, E) int64, summed over micro-batches
+
+    def add(self, layers: list, batch_ranks: int) -> None:
+        if not layers:
+            return
+        self.layers = len(layers)
+        shares = torch.stack([torch.stack([s["aux"].detach(), s["z"].detach()]) for s in layers]).sum(0) / batch_ranks
+        counts = torch.stack([s["counts"] for s in layers])
+        self.shares = shares if self.shares is None else self.shares + shares
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def finish(self, world, micro_batches: int) -> dict:
+        """One all-reduce over the world (every rank holds a share): aux_loss, z_loss,
+        expert_counts (per layer, per expert), imbalance (the busiest expert's tokens over the
+        mean, worst layer)."""
+        aux, z = (all_reduce_(self.shares.clone(), world, "step") / (self.layers * micro_batches)).tolist()
+        counts = self.counts.double()
+        imbalance = (counts.max(1).values / counts.mean(1).clamp(min=1e-12)).max().item()
+        return {"aux_loss": aux, "z_loss": z, "expert_counts": self.counts.tolist(), "imbalance": imbalance}
