@@ -1,15 +1,17 @@
 """Pure predictions from sizes alone: communication volumes (and later time and memory) of a layout.
 
-Imports only `config`. The tests assert that the byte counter of a real run equals these figures
+Imports only `config` (and moe.py's token counts). The tests assert that the byte counter of a real run equals these figures
 exactly, so they double as the documentation of what each layout moves.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ..config import ModelConfig, ParallelConfig
+from .moe import dispatch_imbalance, expert_replicas, experts_in_ddp, routed_tokens
 
 
 @dataclass
@@ -34,6 +36,11 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     the embedding and one entry for the LM head, and the loss all-reduces three (B*S,) vectors; a
     whole one adds nothing. Replicated KV heads (n_kv_heads < tp) sum their weight gradients over
     their replica group ("kv" axis).
+
+    An MoE layer has no MLP region; its shared expert (if any) is one, as the MLP. Its routed part
+    runs on distinct tokens per tp rank (moe.routed_tokens): the router's gradient is summed over
+    tp (E h per layer), and without sequence parallelism the routed output is all-gathered from the
+    tp ranks' token slices (B*S*h, forward) and so is the input gradient (backward).
     """
     out: dict[str, Volume] = defaultdict(Volume)
     tp, L, h, n = par.tp, model.n_layers, model.d_model, batch * seq
@@ -41,7 +48,10 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
         return {}
     act = n * h
     vocab = par.splits_vocab(model)
-    regions = 2 * L + int(vocab)  # block entries/exits + the embedding exit or the head entry
+    n_moe = model.n_moe_layers
+    dense = L - n_moe  # layers with the dense MLP (every layer of a dense model)
+    mlps = dense + (n_moe if model.n_shared_experts else 0)  # MLP regions: dense MLPs and shared experts
+    regions = L + mlps + int(vocab)  # block entries/exits + the embedding exit or the head entry
     if par.sequence_parallel:
         out["tp/reduce_scatter/fwd"].add(regions, act, itemsize)
         out["tp/all_gather/fwd"].add(regions, act, itemsize)
@@ -51,7 +61,8 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
         out["tp/reduce_scatter/bwd"].add(regions, act, itemsize)
         # Replicated parameters applied to sequence shards: their gradients are summed over tp.
         norm_params = 2 if (model.norm == "layernorm" and model.bias) else 1
-        out["tp/all_reduce/bwd"].add((2 * L + 1) * norm_params + (2 * L if model.bias else 0), h, itemsize)
+        row_biases = L + dense if model.bias else 0  # the out projections' and dense MLPs' biases
+        out["tp/all_reduce/bwd"].add((2 * L + 1) * norm_params + row_biases, h, itemsize)
         if model.position == "learned":
             out["tp/all_reduce/bwd"].add(1, seq * h, itemsize)
     else:
@@ -59,6 +70,11 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
         out["tp/all_reduce/bwd"].add(regions, act, itemsize)
     if vocab:
         out["tp/all_reduce/fwd"].add(3, n, itemsize)  # row max, exp-sum, target logit
+    if n_moe:
+        out["tp/all_reduce/bwd"].add(n_moe, model.n_experts * h, itemsize)  # routers: distinct tokens per rank
+        if not par.sequence_parallel:
+            out["tp/all_gather/fwd"].add(n_moe, act, itemsize)  # routed outputs of the tp ranks' token slices
+            out["tp/all_gather/bwd"].add(n_moe, act, itemsize)  # input gradients of the slices
     if model.n_kv_heads < tp:
         kv_weights = model.head_dim * h  # one KV head's K (or V) rows
         out["kv/all_reduce/bwd"].add(2 * L, kv_weights, itemsize)
@@ -105,3 +121,64 @@ def context_attention_comm(impl: str, layout: str, p: int, batch: int, heads: in
     else:
         raise ValueError(f"impl={impl!r}: volumes are modelled for ring, allgather and ulysses")
     return dict(out)
+
+
+def moe_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int, itemsize: int = 4,
+             imbalance: float = 1.0, grad_bytes: int = 4) -> dict[str, Volume]:
+    """Collective payloads of the MoE layers (beyond tensor_parallel_comm's) in one forward +
+    backward of one rank on `batch` x `seq` tokens (seq = S/cp), keys "axis/kind/phase". Per MoE
+    layer, with n = moe.routed_tokens(batch, seq, tp) tokens routed by the rank, h = d_model,
+    E experts, k = top_k:
+
+    ep (the ep group; nothing at ep = 1), moe_dispatch
+        all_to_all   forward: the E int64 counts (one all_to_all_single), then the n k rows
+                     (dispatch) and the n k rows back (combine); backward: the same two row
+                     all-to-alls. Payload: the rank's send tensor, all rows included (a share
+                     (ep-1)/ep leaves the rank).
+        gather       forward: all-gather of the rank's rows padded to the group's largest count
+                     (every rank routes n: ep n h), of the expert ids (ep n k int64) and gates
+                     (ep n k), reduce-scatter of the (ep n, h) output; backward: reduce-scatter of
+                     the gathered input's gradient, all-gather of the output's gradient.
+    world  all-reduce of the E + 1 float64 global expert counts (the load-balancing loss), forward.
+    edp    the experts' gradients over their replicas (world / ep ranks at stride ep), one
+           all-reduce per expert weight (gate, up, down: E/ep Fe h each) per backward, in
+           grad_bytes; none when edp = 1 or when they travel with DDP's buckets (ep = tp = 1).
+
+    imbalance: 1 gives the byte counter's payloads (every rank sends n k rows). Above 1 the row
+    all-to-alls are the busiest rank's: it receives (dispatch) and sends back (combine) that many
+    times the mean rows, which sets the collective's time; the gather moves padded tokens, the
+    same on every rank, whatever the routing.
+    """
+    out: dict[str, Volume] = defaultdict(Volume)
+    L = model.n_moe_layers
+    if L == 0:
+        return {}
+    h, E, k, ep = model.d_model, model.n_experts, model.top_k, par.ep
+    n = routed_tokens(batch, seq, par.tp)
+    if ep > 1 and par.moe_dispatch == "all_to_all":
+        rows = math.ceil(dispatch_imbalance(ep, imbalance) * n * k)  # the rank's rows (the busiest's at x > 1)
+        out["ep/all_to_all/fwd"].add(L, E, 8)  # counts per expert
+        out["ep/all_to_all/fwd"].add(2 * L, rows * h, itemsize)  # dispatch, combine
+        out["ep/all_to_all/bwd"].add(2 * L, rows * h, itemsize)  # their gradients
+    elif ep > 1:
+        gathered = ep * n  # tokens of the group, each rank's padded to the largest count
+        out["ep/all_gather/fwd"].add(L, gathered * h, itemsize)  # rows
+        out["ep/all_gather/fwd"].add(L, gathered * k, 8)  # expert ids
+        out["ep/all_gather/fwd"].add(L, gathered * k, itemsize)  # gates
+        out["ep/reduce_scatter/fwd"].add(L, gathered * h, itemsize)  # the experts' output, home
+        out["ep/reduce_scatter/bwd"].add(L, gathered * h, itemsize)  # the gathered input's gradient
+        out["ep/all_gather/bwd"].add(L, gathered * h, itemsize)  # the output's gradient
+    if par.world_size > 1:
+        out["world/all_reduce/fwd"].add(L, E + 1, 8)
+    return {**out, **expert_gradient_comm(model, par, grad_bytes)}
+
+
+def expert_gradient_comm(model: ModelConfig, par: ParallelConfig, grad_bytes: int = 4) -> dict[str, Volume]:
+    """The routed experts' gradient all-reduces of one backward over their replicas ("edp":
+    world / ep ranks at stride ep): one per expert weight (gate, up, down; E/ep Fe h each) and MoE
+    layer; none when edp = 1 or when DDP buckets them with the rest (ep = tp = 1)."""
+    if not model.is_moe or expert_replicas(par) == 1 or experts_in_ddp(par):
+        return {}
+    vol = Volume()
+    vol.add(3 * model.n_moe_layers, model.n_experts // par.ep * model.expert_ffn * model.d_model, grad_bytes)
+    return {"edp/all_reduce/bwd": vol}

@@ -7,7 +7,8 @@ data axis, and the micro-batch (the accumulation follows from the global batch).
 
 Names use `meshattn bench`'s layout grammar (bench/layouts.py) extended with pipeline stages:
 `dp4xtp8xpp4`, `dp2xcp4:ring`, `cp4:hybrid2:zigzag`, `tp8+sp`, `tp2@block` (@attention = selective
-recomputation, @block = full); axes in any order.
+recomputation, @block = full), and for mixture-of-experts models the expert-parallel size and
+dispatch, `dp4xep4`, `dp2xtp2xep4:gather` (ep borrows the dp x cp x tp ranks); axes in any order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ..bench.layouts import parse_layout
-from ..config import ConfigError, CpImpl, ModelConfig, ParallelConfig, divisors
+from ..config import ConfigError, CpImpl, ModelConfig, MoeDispatch, ParallelConfig, divisors
 from .flops import recompute_mode
 from .memory import SHARD_MODES
 
@@ -69,6 +70,8 @@ class Plan:
             parts.append(f"cp{p.cp}:{impl}" + ("" if p.cp_layout == "zigzag" else f":{p.cp_layout}"))
         if p.tp > 1:
             parts.append(f"tp{p.tp}" + ("+sp" if p.sequence_parallel else ""))
+        if p.ep > 1:
+            parts.append(f"ep{p.ep}" + ("" if p.moe_dispatch == "all_to_all" else f":{p.moe_dispatch}"))
         if self.pp > 1:
             parts.append(f"pp{self.pp}")
         name = "x".join(parts) or "dp1"
@@ -89,7 +92,8 @@ class Plan:
                 "cp_layout": self.parallel.cp_layout if self.cp > 1 else None,
                 "ulysses_size": self.parallel.ulysses_size, "sequence_parallel": self.parallel.sequence_parallel,
                 "recompute": self.recompute, "shard": self.shard, "micro_batch": self.micro_batch,
-                "interleave": self.interleave}
+                "interleave": self.interleave, "ep": self.parallel.ep,
+                "moe_dispatch": self.parallel.moe_dispatch if self.parallel.ep > 1 else None}
 
 
 def parse_plan(text: str, recompute: str | None = None, sequence_parallel: bool = False, shard: str = "none",
@@ -129,6 +133,10 @@ def check_plan(plan: Plan, model: ModelConfig, seq_len: int, global_batch: int, 
     if plan.gpus != gpus:
         raise ConfigError(f"{plan.name} uses {plan.gpus} GPUs, not {gpus}; choose sizes whose product is {gpus}")
     plan.parallel.check_model(model)
+    shared = model.n_shared_experts * model.expert_ffn  # the shared expert's columns, split over tp
+    if model.is_moe and shared % plan.tp:
+        raise ConfigError(f"{plan.name}: the shared expert's {shared} columns are not divisible by tp={plan.tp}; "
+                          f"legal tp: {', '.join(str(t) for t in divisors(model.n_heads) if shared % t == 0)}")
     if model.n_layers % (plan.pp * plan.interleave):
         raise ConfigError(f"{plan.name}: n_layers={model.n_layers} is not divisible by pp={plan.pp}"
                           + (f" x {plan.interleave} virtual stages" if plan.interleave > 1 else ""))
@@ -146,12 +154,14 @@ def check_plan(plan: Plan, model: ModelConfig, seq_len: int, global_batch: int, 
 
 def enumerate_plans(model: ModelConfig, seq_len: int, global_batch: int, gpus: int, pipeline: bool = False,
                     recompute=RECOMPUTE_NAMES, sequence_parallel=(False, True), shards=SHARDS,
-                    micro_batches=None) -> list[Plan]:
+                    micro_batches=None, eps=None, dispatches=MoeDispatch.names()) -> list[Plan]:
     """Every valid plan for `gpus` GPUs: dp x cp x tp x pp = gpus (pp only where pipeline=True);
     each cp impl with the zigzag layout (causal balance; contiguous is never faster for causal
     attention) and every Ulysses group size of the hybrid; sequence parallelism where tp > 1;
-    each checkpointing mode and sharding; micro-batches dividing the batch per replica
-    (default: powers of two up to 16, and the whole replica batch)."""
+    for an MoE model every expert-parallel size ep dividing both dp x cp x tp and n_experts (ep = 1:
+    every rank holds every expert), each dispatch where ep > 1; each checkpointing mode and
+    sharding; micro-batches dividing the batch per replica (default: powers of two up to 16, and
+    the whole replica batch). eps: the ep sizes to consider (default: all)."""
     plans = []
     for tp in divisors(gpus):
         for cp in divisors(gpus // tp):
@@ -161,7 +171,8 @@ def enumerate_plans(model: ModelConfig, seq_len: int, global_batch: int, gpus: i
                     continue
                 per_replica = global_batch // dp
                 mbs = micro_batches or sorted({b for b in (1, 2, 4, 8, 16) if b <= per_replica} | {per_replica})
-                for par in _meshes(dp, cp, tp, sequence_parallel):
+                meshes = [e for m in _meshes(dp, cp, tp, sequence_parallel) for e in _experts(model, m, eps, dispatches)]
+                for par in meshes:
                     for rc in recompute:
                         for shard in shards if dp > 1 else ["none"]:
                             for mb in mbs:
@@ -184,3 +195,14 @@ def _meshes(dp: int, cp: int, tp: int, sequence_parallel) -> list[ParallelConfig
             extra = {} if impl is None else {"cp_impl": impl, "ulysses_size": u}
             out.append(ParallelConfig(dp=dp, cp=cp, tp=tp, sequence_parallel=sp, **extra))
     return out
+
+
+def _experts(model: ModelConfig, par: ParallelConfig, eps, dispatches) -> list[ParallelConfig]:
+    """`par` with each expert-parallel size and dispatch an MoE model allows (`par` itself for a
+    dense model): ep dividing the world and n_experts (and in `eps`, if given); the dispatch only
+    matters where ep > 1."""
+    if not model.is_moe:
+        return [par]
+    sizes = [e for e in divisors(par.world_size) if model.n_experts % e == 0 and (eps is None or e in eps)]
+    return [dataclasses.replace(par, ep=ep, moe_dispatch=d) for ep in sizes
+            for d in (dispatches if ep > 1 else ["all_to_all"])]
