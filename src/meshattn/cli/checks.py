@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, TrainConfig, divisors
+from ..config import PRESETS, ConfigError, ModelConfig, TrainConfig, divisors, preset
 from ..training.checkpoint import CheckpointError, open_verified
 from ..training.corpus import MAX_BYTES, Corpus, looks_binary
 from .options import bench_model, config_from_args
@@ -33,10 +33,11 @@ def check_train(a: argparse.Namespace) -> TrainConfig:
     (TrainConfig's own checks), the text, the checkpoint to resume and the output folder.
     Returns the run's configuration."""
     check_timeout(a.timeout)
-    check_at_least(a, 1, "steps", "batch_size", "seq_len", "grad_accum", "dp", "tp", "cp")
+    check_at_least(a, 1, "steps", "batch_size", "seq_len", "grad_accum", "dp", "tp", "cp", "ep")
     check_at_least(a, 0, "save_every", "sample_tokens")
     check_lr(a.lr)
     check_ulysses_flag(a)
+    check_ep_flag(a)
     cfg = config_from_args(a)
     check_data(a.data, cfg.seq_len, MAX_BYTES)
     if a.resume is not None:
@@ -118,6 +119,23 @@ def check_ulysses_flag(a: argparse.Namespace) -> None:
     if a.cp_impl == "hybrid" and a.ulysses_size is None:
         raise ConfigError(f"--cp-impl hybrid needs --ulysses-size, the Ulysses group inside the --cp {a.cp} ranks; "
                           f"give --ulysses-size among {', '.join(map(str, divisors(a.cp)))}")
+
+
+def check_ep_flag(a: argparse.Namespace) -> None:
+    """--ep borrows the dp*cp*tp ranks: say how to get enough of them, and refuse it for a dense model."""
+    world = a.dp * a.cp * a.tp
+    if a.ep > 1 and preset(a.preset).n_experts == 0:
+        moe = ", ".join(n for n, m in PRESETS.items() if m.n_experts)
+        raise ConfigError(f"--ep {a.ep} splits experts, but --preset {a.preset} is a dense model; choose an MoE "
+                          f"preset ({moe}) or leave out --ep")
+    if world % a.ep:
+        dp = a.ep // math.gcd(a.ep, a.cp * a.tp)  # the fewest replicas that make a multiple of ep
+        raise ConfigError(f"--ep {a.ep} borrows the dp*cp*tp = {a.dp}*{a.cp}*{a.tp} = {world} ranks and must divide "
+                          f"that number; give e.g. --dp {dp} (then {dp * a.cp * a.tp} ranks) or choose --ep among "
+                          f"{', '.join(str(d) for d in divisors(world))}")
+    if a.capacity_factor is not None and not (math.isfinite(a.capacity_factor) and a.capacity_factor > 0):
+        raise ConfigError(f"--capacity-factor {a.capacity_factor} must be a number > 0 (e.g. 1.25); leave it out "
+                          "for dropless routing")
 
 
 def check_lr(lr: float) -> None:

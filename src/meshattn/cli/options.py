@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import (CpImpl, CpLayout, DType, ModelConfig, OnNonfinite, ParallelConfig, PRESETS, Recompute,
-                      TrainConfig, VocabParallel, preset)
+from ..config import (CpImpl, CpLayout, DType, ModelConfig, MoeDispatch, OnNonfinite, ParallelConfig, PRESETS,
+                      Recompute, TrainConfig, VocabParallel, preset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,14 @@ def _train_parser(sub) -> None:
                         "keep them whole only for a vocabulary of at most 4 x d_model (auto)")
     p.add_argument("--node-size", type=int, default=None,
                    help="ranks per node: gradients are reduce-scattered inside a node, all-reduced across nodes")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism for an MoE preset (e.g. moe-tiny): the experts split over ep of the "
+                        "dp*cp*tp ranks (it adds no ranks)")
+    p.add_argument("--moe-dispatch", default="all_to_all", choices=MoeDispatch.names(),
+                   help="how tokens reach their experts: all-to-all, or all-gather then reduce-scatter")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="each expert takes at most ceil(c * tokens * top_k / experts) tokens of its ep group, "
+                        "dropping the lowest router probabilities (default: the preset's; dropless)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -198,10 +206,12 @@ def bench_model(a: argparse.Namespace, seq_lens: list[int]) -> ModelConfig:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
                               cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size,
-                              vocab_parallel=a.vocab_parallel)
+                              vocab_parallel=a.vocab_parallel, ep=a.ep, moe_dispatch=a.moe_dispatch)
     model = preset(a.preset)
     if a.window is not None:
         model = dataclasses.replace(model, window=a.window)
+    if a.capacity_factor is not None:
+        model = dataclasses.replace(model, capacity_factor=a.capacity_factor)
     return TrainConfig(model=model, parallel=parallel,
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,
@@ -215,4 +225,5 @@ def layout_name(par: ParallelConfig) -> str:
     if par.cp > 1:
         impl = par.cp_impl + (f"(ulysses {par.ulysses_size})" if par.cp_impl == "hybrid" else "")
         cp = f" cp={par.cp} {impl} {par.cp_layout}"
-    return f"dp={par.dp}{cp} tp={par.tp}{' +sp' if par.sequence_parallel else ''}"
+    ep = "" if par.ep == 1 else f" ep={par.ep}" + ("" if par.moe_dispatch == "all_to_all" else f" ({par.moe_dispatch})")
+    return f"dp={par.dp}{cp} tp={par.tp}{' +sp' if par.sequence_parallel else ''}{ep}"

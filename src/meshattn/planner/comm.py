@@ -1,7 +1,8 @@
 """Pure predictions from sizes alone: communication volumes (and later time and memory) of a layout.
 
-Imports only `config` (and moe.py's token counts). The tests assert that the byte counter of a real run equals these figures
-exactly, so they double as the documentation of what each layout moves.
+Imports only `config` (and moe.py's token counts). The tests assert that the byte counter of a
+real run equals these figures exactly, so they double as the documentation of what each layout
+moves.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ..config import ModelConfig, ParallelConfig
-from .moe import dispatch_imbalance, expert_replicas, experts_in_ddp, routed_tokens
+from .moe import dispatch_imbalance, expert_replicas, experts_in_ddp, moe_layers, routed_tokens
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Volume:
 
 
 def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int,
-                         itemsize: int = 4) -> dict[str, Volume]:
+                         itemsize: int = 4, moe_itemsize: int | None = None) -> dict[str, Volume]:
     """Collective payloads of one forward + backward of one tp group on `batch` x `seq` tokens.
 
     Keys are "axis/kind/phase" as the CommCounter records them. Per block: the attention and
@@ -40,7 +41,8 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     An MoE layer has no MLP region; its shared expert (if any) is one, as the MLP. Its routed part
     runs on distinct tokens per tp rank (moe.routed_tokens): the router's gradient is summed over
     tp (E h per layer), and without sequence parallelism the routed output is all-gathered from the
-    tp ranks' token slices (B*S*h, forward) and so is the input gradient (backward).
+    tp ranks' token slices (B*S*h, padded to tp equal parts, forward) and so is the input gradient
+    (backward), in moe_itemsize (the MoE input's dtype, the residual stream's; default itemsize).
     """
     out: dict[str, Volume] = defaultdict(Volume)
     tp, L, h, n = par.tp, model.n_layers, model.d_model, batch * seq
@@ -48,7 +50,7 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
         return {}
     act = n * h
     vocab = par.splits_vocab(model)
-    n_moe = model.n_moe_layers
+    n_moe = moe_layers(model)
     dense = L - n_moe  # layers with the dense MLP (every layer of a dense model)
     mlps = dense + (n_moe if model.n_shared_experts else 0)  # MLP regions: dense MLPs and shared experts
     regions = L + mlps + int(vocab)  # block entries/exits + the embedding exit or the head entry
@@ -71,10 +73,12 @@ def tensor_parallel_comm(model: ModelConfig, par: ParallelConfig, batch: int, se
     if vocab:
         out["tp/all_reduce/fwd"].add(3, n, itemsize)  # row max, exp-sum, target logit
     if n_moe:
-        out["tp/all_reduce/bwd"].add(n_moe, model.n_experts * h, itemsize)  # routers: distinct tokens per rank
+        moe_item = itemsize if moe_itemsize is None else moe_itemsize
+        out["tp/all_reduce/bwd"].add(n_moe, model.n_experts * h, moe_item)  # routers: distinct tokens per rank
         if not par.sequence_parallel:
-            out["tp/all_gather/fwd"].add(n_moe, act, itemsize)  # routed outputs of the tp ranks' token slices
-            out["tp/all_gather/bwd"].add(n_moe, act, itemsize)  # input gradients of the slices
+            padded = tp * routed_tokens(batch, seq, tp) * h  # the tp ranks' token slices, padded alike
+            out["tp/all_gather/fwd"].add(n_moe, padded, moe_item)  # routed outputs
+            out["tp/all_gather/bwd"].add(n_moe, padded, moe_item)  # input gradients of the slices
     if model.n_kv_heads < tp:
         kv_weights = model.head_dim * h  # one KV head's K (or V) rows
         out["kv/all_reduce/bwd"].add(2 * L, kv_weights, itemsize)
@@ -126,23 +130,24 @@ def context_attention_comm(impl: str, layout: str, p: int, batch: int, heads: in
 def moe_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int, itemsize: int = 4,
              imbalance: float = 1.0, grad_bytes: int = 4) -> dict[str, Volume]:
     """Collective payloads of the MoE layers (beyond tensor_parallel_comm's) in one forward +
-    backward of one rank on `batch` x `seq` tokens (seq = S/cp), keys "axis/kind/phase". Per MoE
-    layer, with n = moe.routed_tokens(batch, seq, tp) tokens routed by the rank, h = d_model,
-    E experts, k = top_k:
+    backward of one rank on `batch` x `seq` tokens (seq = S/cp), keys "axis/kind/phase", as
+    parallel/moe.py records them. Per MoE layer, with n = moe.routed_tokens(batch, seq, tp) tokens
+    routed by the rank, h = d_model, E experts, k = top_k; rows, gates and their gradients in
+    `itemsize` (the MoE input's dtype: the residual stream's), ids and counts int64:
 
     ep (the ep group; nothing at ep = 1), moe_dispatch
-        all_to_all   forward: the E int64 counts (one all_to_all_single), then the n k rows
-                     (dispatch) and the n k rows back (combine); backward: the same two row
-                     all-to-alls. Payload: the rank's send tensor, all rows included (a share
-                     (ep-1)/ep leaves the rank).
-        gather       forward: all-gather of the rank's rows padded to the group's largest count
-                     (every rank routes n: ep n h), of the expert ids (ep n k int64) and gates
+        all_to_all   forward: the E counts (one all_to_all_single), then the n k rows (dispatch)
+                     and the rows back (combine); backward: the same two row all-to-alls. Payload:
+                     the rank's send tensor, all rows included (a share 1/ep stays on the rank).
+                     With a capacity factor also the slots' float64 priorities (n k).
+        gather       forward: all-gather of each rank's count (1), of its rows padded to the
+                     group's largest count (every rank routes n: ep n h), of the expert ids
+                     (ep n k; with a capacity factor the priorities too, float64) and of the gates
                      (ep n k), reduce-scatter of the (ep n, h) output; backward: reduce-scatter of
-                     the gathered input's gradient, all-gather of the output's gradient.
-    world  all-reduce of the E + 1 float64 global expert counts (the load-balancing loss), forward.
-    edp    the experts' gradients over their replicas (world / ep ranks at stride ep), one
-           all-reduce per expert weight (gate, up, down: E/ep Fe h each) per backward, in
-           grad_bytes; none when edp = 1 or when they travel with DDP's buckets (ep = tp = 1).
+                     the gathered rows' and gates' gradients, all-gather of the output's gradient.
+        With a capacity factor and ep < world, one float64 all-reduce over ep (the group's tokens).
+    world  all-reduce of the E + 1 float64 expert counts and tokens (the balance loss), forward.
+    edp    expert_gradient_comm.
 
     imbalance: 1 gives the byte counter's payloads (every rank sends n k rows). Above 1 the row
     all-to-alls are the busiest rank's: it receives (dispatch) and sends back (combine) that many
@@ -150,24 +155,33 @@ def moe_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int, item
     same on every rank, whatever the routing.
     """
     out: dict[str, Volume] = defaultdict(Volume)
-    L = model.n_moe_layers
+    L = moe_layers(model)
     if L == 0:
         return {}
     h, E, k, ep = model.d_model, model.n_experts, model.top_k, par.ep
     n = routed_tokens(batch, seq, par.tp)
+    capacity = model.capacity_factor is not None
     if ep > 1 and par.moe_dispatch == "all_to_all":
         rows = math.ceil(dispatch_imbalance(ep, imbalance) * n * k)  # the rank's rows (the busiest's at x > 1)
         out["ep/all_to_all/fwd"].add(L, E, 8)  # counts per expert
         out["ep/all_to_all/fwd"].add(2 * L, rows * h, itemsize)  # dispatch, combine
         out["ep/all_to_all/bwd"].add(2 * L, rows * h, itemsize)  # their gradients
+        if capacity:
+            out["ep/all_to_all/fwd"].add(L, n * k, 8)  # priorities
     elif ep > 1:
         gathered = ep * n  # tokens of the group, each rank's padded to the largest count
+        out["ep/all_gather/fwd"].add(L, ep, 8)  # counts
         out["ep/all_gather/fwd"].add(L, gathered * h, itemsize)  # rows
         out["ep/all_gather/fwd"].add(L, gathered * k, 8)  # expert ids
         out["ep/all_gather/fwd"].add(L, gathered * k, itemsize)  # gates
+        if capacity:
+            out["ep/all_gather/fwd"].add(L, gathered * k, 8)  # priorities
         out["ep/reduce_scatter/fwd"].add(L, gathered * h, itemsize)  # the experts' output, home
-        out["ep/reduce_scatter/bwd"].add(L, gathered * h, itemsize)  # the gathered input's gradient
+        out["ep/reduce_scatter/bwd"].add(L, gathered * h, itemsize)  # the gathered rows' gradient
+        out["ep/reduce_scatter/bwd"].add(L, gathered * k, itemsize)  # the gathered gates' gradient
         out["ep/all_gather/bwd"].add(L, gathered * h, itemsize)  # the output's gradient
+    if capacity and 1 < ep < par.world_size:
+        out["ep/all_reduce/fwd"].add(L, 1, 8)  # the ep group's tokens
     if par.world_size > 1:
         out["world/all_reduce/fwd"].add(L, E + 1, 8)
     return {**out, **expert_gradient_comm(model, par, grad_bytes)}
@@ -180,5 +194,5 @@ def expert_gradient_comm(model: ModelConfig, par: ParallelConfig, grad_bytes: in
     if not model.is_moe or expert_replicas(par) == 1 or experts_in_ddp(par):
         return {}
     vol = Volume()
-    vol.add(3 * model.n_moe_layers, model.n_experts // par.ep * model.expert_ffn * model.d_model, grad_bytes)
+    vol.add(3 * moe_layers(model), model.n_experts // par.ep * model.expert_ffn * model.d_model, grad_bytes)
     return {"edp/all_reduce/bwd": vol}

@@ -50,7 +50,7 @@ from .flops import forward_flops, step_flops
 from .layout import Plan
 from .memory import activation_bytes_per_layer, params_per_rank, state_bytes
 from .moe import (EXPERT_IMBALANCE, check_imbalance, compute_imbalance, expert_replicas, expert_rows,
-                  experts_in_ddp, routed_tokens)
+                  experts_in_ddp, moe_layers, routed_tokens)
 from .stack import MESHATTN, Stack
 
 GIB = 2**30
@@ -135,42 +135,45 @@ def estimate(model: ModelConfig, job: Job, plan: Plan, cluster, stack: Stack = M
     ideal = compute["total"] + tp_s + cp_s + ep_s
     bubble = ideal * (plan.pp - 1) / (micro * plan.interleave) if plan.pp > 1 else 0.0
     pipe = bubble + _pipeline_send_s(model, plan, cluster, stack, S, micro)
-    dp_s = _dp_s(model, job, plan, cluster, stack, micro, compute)
-    optim = cluster.traffic_s(2 * state_bytes(model, p.tp, p.dp * p.cp, plan.shard, p.splits_vocab(model),
-                                              stack.weight_bytes, stack.grad_bytes, stack.optim_bytes,
-                                              p.ep)["total"] / plan.pp)
+    counts = params_per_rank(model, p.tp, p.splits_vocab(model), p.ep)
+    states = state_bytes(model, p.tp, p.dp * p.cp, plan.shard, p.splits_vocab(model), stack.weight_bytes,
+                         stack.grad_bytes, stack.optim_bytes, p.ep)
+    dp_s = _dp_s(model, plan, cluster, stack, micro, compute, counts)
+    optim = cluster.traffic_s(2 * states["total"] / plan.pp)
     est.time_s = {"compute": compute["total"], "matmul": compute["matmul"], "attention": compute["attention"],
                   "elementwise": compute["elementwise"], "tp": tp_s, "cp": cp_s, "pipeline": pipe, "dp": dp_s,
                   "optimizer": optim}
     if model.is_moe:
         est.time_s.update(experts=compute["experts"], ep=ep_s)
     est.time_s["step"] = compute["total"] + tp_s + cp_s + pipe + dp_s + optim + ep_s
-    est.memory_bytes = _memory(model, job, plan, stack, micro, per_layer, layer, moe_per_layer, moe_layer)
+    est.memory_bytes = _memory(model, job, plan, stack, micro, states, counts, (per_layer, layer),
+                               (moe_per_layer, moe_layer))
     if model.is_moe:
-        est.moe = _moe_summary(model, job, plan, stack, micro, ep_s)
+        est.moe = _moe_summary(model, job, plan, stack, micro, ep_s, states)
     return est
 
 
-def _moe_summary(model, job, plan, stack, micro, ep_s) -> dict:
+def _moe_summary(model, job, plan, stack, micro, ep_s, states) -> dict:
     """What the report shows of an MoE plan: the expert split, the dispatch, the imbalance
     assumed, the rows one rank routes and computes per layer, its dispatch bytes per step (the
     byte counter's: at imbalance 1) and its time."""
     p = plan.parallel
     n = routed_tokens(plan.micro_batch, job.seq_len // p.cp, p.tp)
-    vols = moe_comm(model, p, plan.micro_batch, job.seq_len // p.cp, stack.act_bytes, 1.0, stack.grad_bytes)
+    vols = moe_comm(model, p, plan.micro_batch, job.seq_len // p.cp, stack.residual_bytes, 1.0, stack.grad_bytes)
     ep_bytes = sum(v.nbytes for k, v in vols.items() if k.startswith("ep/"))
     return {"ep": p.ep, "dispatch": p.moe_dispatch if p.ep > 1 else None, "experts_per_rank": model.n_experts // p.ep,
             "expert_replicas": expert_replicas(p), "expert_imbalance": job.expert_imbalance,
             "imbalance_applied": compute_imbalance(model, p.ep, job.expert_imbalance),
             "tokens_per_rank": n, "expert_rows_per_rank": expert_rows(model, n, p.ep, job.expert_imbalance),
-            "ep_bytes_per_step": micro * ep_bytes / plan.pp, "ep_s": ep_s}
+            "ep_bytes_per_step": micro * ep_bytes / plan.pp, "ep_s": ep_s,
+            "expert_state_bytes": states["experts"] / plan.pp}
 
 
 def _stage_layers_bytes(model, per_layer, moe_per_layer) -> int:
     """What all the blocks save: per_layer for each dense block, moe_per_layer for each MoE block."""
     if not model.is_moe:
         return per_layer * model.n_layers
-    return per_layer * (model.n_layers - model.n_moe_layers) + moe_per_layer * model.n_moe_layers
+    return per_layer * (model.n_layers - moe_layers(model)) + moe_per_layer * moe_layers(model)
 
 
 def _compute_s(model, job, plan, cluster, stack, micro, saved_per_stage) -> dict:
@@ -222,7 +225,7 @@ def _tp_s(model, plan, cluster, stack, S, micro, layers, compute) -> float:
     p = plan.parallel
     if p.tp == 1:
         return 0.0
-    vols = tensor_parallel_comm(model, p, plan.micro_batch, S // p.cp, stack.act_bytes)
+    vols = tensor_parallel_comm(model, p, plan.micro_batch, S // p.cp, stack.act_bytes, stack.residual_bytes)
     t = _time(cluster, vols, p.tp, _spans(plan, cluster, 1, p.tp), scale=layers / model.n_layers)
     fwd = t["fwd"] * (2 if plan.recompute == "full" else 1)  # full recomputation runs the exits again
     bwd = t["bwd"]
@@ -266,7 +269,8 @@ def _ep_s(model, job, plan, cluster, stack, S, micro) -> float:
     if not model.is_moe:
         return 0.0
     p = plan.parallel
-    vols = moe_comm(model, p, plan.micro_batch, S // p.cp, stack.act_bytes, job.expert_imbalance, stack.grad_bytes)
+    vols = moe_comm(model, p, plan.micro_batch, S // p.cp, stack.residual_bytes, job.expert_imbalance,
+                    stack.grad_bytes)
     t = {"fwd": 0.0, "bwd": 0.0}
     for key, vol in vols.items():
         axis, kind, phase = key.split("/")
@@ -301,14 +305,14 @@ def _pipeline_send_s(model, plan, cluster, stack, S, micro) -> float:
     return 2 * micro * plan.interleave * cluster.collective_s("send_recv", 2, nbytes, inter)
 
 
-def _dp_s(model, job, plan, cluster, stack, micro, compute) -> float:
+def _dp_s(model, plan, cluster, stack, micro, compute, counts) -> float:
     """The gradients' (and ZeRO's weights') collectives over dp x cp, and an MoE model's routed
     experts' over their replicas (edp: world / ep ranks at stride ep) where they do not travel
     with the rest (moe.experts_in_ddp): without ZeRO one all-reduce per expert weight per backward
-    (comm.moe_comm), not hidden; with ZeRO sharded over edp like the rest over dp x cp."""
+    (comm.moe_comm), not hidden; with ZeRO sharded over edp like the rest over dp x cp. counts:
+    memory.params_per_rank's for this plan."""
     p = plan.parallel
     group = p.dp * p.cp
-    counts = params_per_rank(model, p.tp, p.splits_vocab(model), p.ep)
     apart = 0 if experts_in_ddp(p) else counts.get("experts", 0)  # expert parameters reduced over edp
     edp = expert_replicas(p) if apart else 1
     if group == 1 and edp == 1:
@@ -351,17 +355,19 @@ def _layer_bytes(model, plan, stack, S, recompute, job: Job | None = None) -> in
     and the stack's precision, dropout and attention kernel: a dense block, or with `job` an MoE
     block on the busiest rank of its ep group (at job.expert_imbalance)."""
     p = plan.parallel
-    moe = {} if job is None else {"ep": p.ep, "imbalance": job.expert_imbalance}
+    moe = {} if job is None else {"ep": p.ep, "imbalance": job.expert_imbalance, "dispatch": p.moe_dispatch}
     return activation_bytes_per_layer(
         model, plan.micro_batch, S // p.cp, p.tp, p.sequence_parallel, recompute, dtype_bytes=stack.act_bytes,
         dropout=stack.dropout, attention="fused" if stack.fused_attention else "unfused",
         residual_bytes=stack.residual_bytes, autocast=stack.autocast, **moe)["total"]
 
 
-def _memory(model, job, plan, stack, micro, per_layer, layer, moe_per_layer=0, moe_layer=0) -> dict:
+def _memory(model, job, plan, stack, micro, states, counts, dense_layer, moe_layer) -> dict:
+    """Memory per rank by part. states, counts: memory.state_bytes's and params_per_rank's for this
+    plan; dense_layer, moe_layer: (saved for backward with the all-gather impl's K/V, without) for
+    one dense and one MoE block without recomputation (0s for a dense model)."""
     p = plan.parallel
-    states = state_bytes(model, p.tp, p.dp * p.cp, plan.shard, p.splits_vocab(model), stack.weight_bytes,
-                         stack.grad_bytes, stack.optim_bytes, p.ep)
+    (per_layer, layer), (moe_per_layer, moe_layer) = dense_layer, moe_layer
     out = {k: states[k] / plan.pp for k in ("weights", "gradients", "optimizer")}
     b, s = plan.micro_batch, job.seq_len // p.cp
     if plan.recompute != "none":
@@ -373,7 +379,7 @@ def _memory(model, job, plan, stack, micro, per_layer, layer, moe_per_layer=0, m
         in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.interleave)
     blocks = _stage_layers_bytes(model, per_layer, moe_per_layer)
     out["activations"] = blocks / plan.pp * in_flight + _head_bytes(model, p, stack, b * s)
-    out["buffers"] = _buffers(model, plan, stack, b, job.seq_len, max(layer, moe_layer))
+    out["buffers"] = _buffers(model, plan, stack, b, job.seq_len, max(layer, moe_layer), counts)
     if model.is_moe:
         out["buffers"] += _moe_buffers(model, job, plan, stack)
     out["total"] = sum(out.values())
@@ -381,16 +387,16 @@ def _memory(model, job, plan, stack, micro, per_layer, layer, moe_per_layer=0, m
 
 
 def _moe_buffers(model, job, plan, stack) -> int:
-    """Bytes alive during one MoE layer beyond what it saves, on the busiest rank: with the
-    all-to-all (or none at ep = 1) the permuted rows to send (n k h) and the experts' outputs
-    before the combine (m h); with the gather the gathered rows and the (ep n, h) output before its
-    reduce-scatter, the gathered expert ids (int64) and gates (moe.py: n tokens, m rows)."""
-    p, d = plan.parallel, stack.act_bytes
+    """Bytes alive during one MoE layer beyond what it saves, on the busiest rank (n tokens, m
+    rows: moe.py), in the MoE input's dtype: with the all-to-all the rows it sends (n k h), the
+    rows it receives and its experts' collected outputs (m h each); with the gather the gathered
+    rows and the (ep n, h) output before its reduce-scatter, the gathered ids (int64) and gates."""
+    p, r = plan.parallel, stack.residual_bytes
     h, k = model.d_model, model.top_k
     n = routed_tokens(plan.micro_batch, job.seq_len // p.cp, p.tp)
     if p.ep > 1 and p.moe_dispatch == "gather":
-        return 2 * p.ep * n * h * d + p.ep * n * k * (8 + d)
-    return (n * k + expert_rows(model, n, p.ep, job.expert_imbalance)) * h * d
+        return 2 * p.ep * n * h * r + p.ep * n * k * (8 + r)
+    return (n * k + 2 * expert_rows(model, n, p.ep, job.expert_imbalance)) * h * r
 
 
 def _gathered_kv(model, plan, stack, S) -> int:
@@ -415,7 +421,7 @@ def _head_bytes(model, p, stack, tokens: int) -> int:
     return tokens * (8 + h * norm_r + stats + model.d_model * stack.act_bytes + vocab * 4 + 8 + 1 + 4)
 
 
-def _buffers(model, plan, stack, b, S, layer) -> float:
+def _buffers(model, plan, stack, b, S, layer, counts) -> float:
     """Bytes alive during one layer beyond what is saved: the context-parallel impl's transfer
     buffers, one recomputed layer's activations, ZeRO-3's gathered layer."""
     p = plan.parallel
@@ -427,6 +433,5 @@ def _buffers(model, plan, stack, b, S, layer) -> float:
     if plan.recompute != "none":  # the layer being recomputed holds what it would have saved
         out += layer
     if plan.shard == "zero3":  # one layer's weights gathered at a time (the larger kind)
-        counts = params_per_rank(model, p.tp, p.splits_vocab(model), p.ep)
         out += max(counts["layer"], counts.get("moe_layer", 0)) * stack.act_bytes
     return out

@@ -16,6 +16,7 @@ ParallelConfig.splits_vocab).
 from __future__ import annotations
 
 from ..config import ModelConfig
+from .moe import moe_layers
 
 # Checkpointing modes: the planner's names and config.Recompute's names for the same thing.
 RECOMPUTE = {"none": "none", "selective": "selective", "attention": "selective", "full": "full", "block": "full"}
@@ -85,7 +86,7 @@ def forward_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = True, c
         "qkv": L * 2 * n * h * (H + 2 * G) * D,
         "attention": L * 2 * batch * H * D * pairs2,  # = L * 4 B H D pairs: Q K^T and P V
         "out_proj": L * 2 * n * H * D * h,
-        "mlp": (L - cfg.n_moe_layers) * 2 * n * h * F * (n_fc + 1),
+        "mlp": (L - moe_layers(cfg)) * 2 * n * h * F * (n_fc + 1),
     }
     if cfg.is_moe:
         out.update(moe_forward_flops(cfg, n))
@@ -98,7 +99,7 @@ def forward_flops(cfg: ModelConfig, batch: int, seq: int, causal: bool = True, c
 def moe_forward_flops(cfg: ModelConfig, tokens: int) -> dict:
     """Forward FLOPs of the MoE layers' feed-forward on `tokens` tokens, summed over the MoE
     layers: router, routed experts (k per token) and shared expert (see forward_flops)."""
-    layers, h, f = cfg.n_moe_layers, cfg.d_model, cfg.expert_ffn
+    layers, h, f = moe_layers(cfg), cfg.d_model, cfg.expert_ffn
     swiglu = 2 * tokens * 3 * h * f  # one SwiGLU of width Fe on every token: gate, up, down
     return {"router": layers * 2 * tokens * h * cfg.n_experts,
             "experts": layers * cfg.top_k * swiglu,

@@ -171,8 +171,8 @@ def enumerate_plans(model: ModelConfig, seq_len: int, global_batch: int, gpus: i
                     continue
                 per_replica = global_batch // dp
                 mbs = micro_batches or sorted({b for b in (1, 2, 4, 8, 16) if b <= per_replica} | {per_replica})
-                meshes = [e for m in _meshes(dp, cp, tp, sequence_parallel) for e in _experts(model, m, eps, dispatches)]
-                for par in meshes:
+                meshes = _meshes(dp, cp, tp, sequence_parallel)
+                for par in [e for m in meshes for e in _experts(model, m, eps, dispatches)]:
                     for rc in recompute:
                         for shard in shards if dp > 1 else ["none"]:
                             for mb in mbs:

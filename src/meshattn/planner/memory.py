@@ -19,7 +19,7 @@ from fractions import Fraction
 
 from ..config import ModelConfig, ParallelConfig
 from .flops import recompute_mode
-from .moe import check_experts, expert_rows, routed_tokens
+from .moe import check_experts, expert_rows, moe_layers, routed_tokens
 
 ATTENTION_KINDS = ("fused", "unfused")
 SHARD_MODES = ("none", "zero1", "zero2", "zero3")
@@ -66,7 +66,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
                                sequence_parallel: bool = False, recompute: str = "none", dtype_bytes: int = 2,
                                dropout: bool = False, attention: str = "fused", residual_bytes: int | None = None,
                                repeat_kv: bool = True, small_terms: bool = True, autocast: bool = False,
-                               ep: int | None = None, imbalance: float = 1.0) -> dict:
+                               ep: int | None = None, imbalance: float = 1.0, dispatch: str = "all_to_all") -> dict:
     """Bytes one transformer block of meshattn's model keeps for backward on one tp rank, itemised
     (and "total"), following Korthikanti et al. 2022's accounting (sec. 4.1) tensor by tensor.
 
@@ -107,8 +107,9 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
     entry (parallel/region.py) casts the shared input of Q/K/V (and of fc/gate) once, at any tp.
 
     ep: None for a block with the dense MLP; an int for an MoE block whose experts are split over
-    ep ranks: the MLP's items are replaced by moe_activation_bytes's (the busiest rank's, at
-    `imbalance`), and its weight casts by the shared expert's and the rank's E/ep experts'.
+    ep ranks (by `dispatch`): the MLP's items are replaced by moe_activation_bytes's (the busiest
+    rank's, at `imbalance`), and its weight casts by the shared expert's and the rank's E/ep
+    experts' (each expert's slice is cast anew: no cache holds it).
 
     Checked against the bytes autograd saves (bench.memory.SavedActivations) in the parallel
     model on CPU, float32 and autocast: equal to the byte at tp=1 (tests/test_planner_costs.py,
@@ -170,9 +171,10 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
             items.update(fc=n * f * d, mlp_hidden=n * f * d)
         ffn_weights = n_fc * f * h + h * f
     else:
-        moe = moe_activation_bytes(cfg, b, s, t, between, ep, imbalance, d, r, small_terms)
-        items.update(moe)
-        ffn_weights = 3 * h * (cfg.n_shared_experts * cfg.expert_ffn // t) + cfg.n_experts // ep * 3 * h * cfg.expert_ffn
+        items.update(moe_activation_bytes(cfg, b, s, t, between, ep, imbalance, d, r, autocast, dispatch,
+                                          small_terms))
+        shared, experts = cfg.n_shared_experts * cfg.expert_ffn // t, cfg.n_experts // ep  # on this rank
+        ffn_weights = 3 * h * shared + experts * 3 * h * cfg.expert_ffn
     if dropout:
         items["mlp_dropout_mask"] = between
     if small_terms:
@@ -186,40 +188,54 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq: int, tp:
 
 def moe_activation_bytes(cfg: ModelConfig, micro_batch: int, seq: int, tp: int, between: int, ep: int,
                          imbalance: float = 1.0, dtype_bytes: int = 2, residual_bytes: int = 4,
-                         small_terms: bool = True) -> dict:
-    """Bytes an MoE feed-forward keeps for backward on the busiest rank of its ep group, itemised
-    (model/moe.py's routing; the parallel layer dispatches the same rows). n = ceil(b s / t) tokens
-    routed by this rank (moe.routed_tokens), m = ceil(x n k) rows its experts compute (x: the
-    imbalance, moe.expert_rows), E experts, k = top_k, Fe = expert_ffn, d = dtype_bytes; the
-    gates keep the input's dtype (residual_bytes: the norm's output keeps the residual's).
-        router_input     n h x 8       the router's float64 copy of its input (its matmul's input)
-        router_logits    n E x 8       float64 logits (the z-loss's log-sum-exp input)
-        router_probs     n E x 8       float64 softmax output (its backward's input)
-        expert_rows      m h d         the dispatched rows: the experts' gate and up input
-        expert_swiglu    4 m Fe d      gate, SiLU(gate), up and their product (down's input)
-        expert_out       n k h d       the combined rows the gates weight (kept for the gates' gradient)
-        shared_input     between d     the shared expert's region entry (as the dense MLP's input)
-        shared_mlp       4 b s sFe/t d the shared SwiGLU of s Fe over tp (s = n_shared_experts)
-        routing          (small terms) top-k probabilities n k x 8, gates n k, slot indices n k x 8,
-                         the router's float64 weight E h x 8
+                         autocast: bool = False, dispatch: str = "all_to_all", small_terms: bool = True) -> dict:
+    """Bytes an MoE feed-forward (parallel/moe.py) keeps for backward on the busiest rank of its ep
+    group, itemised, tensor by tensor as autograd saves them. n = ceil(b s / t) tokens routed by
+    this rank (moe.routed_tokens), m = ceil(x n k) rows its experts compute (x: the imbalance,
+    moe.expert_rows), E experts, k = top_k, Fe = expert_ffn, d = dtype_bytes; r = residual_bytes:
+    the MoE's input keeps the residual stream's dtype (the norm returns its input's), and so do
+    the rows it dispatches, the experts' collected outputs and the gates.
+        router_input    n h 8         the router's float64 copy of its input (its matmul's input)
+        router_logits   n E 8         float64 logits (the z-loss's log-sum-exp input)
+        router_probs    n E 8         the float64 softmax output
+        expert_rows     m h r         the rows each expert's gate and up matmuls read; under
+                        (2 m h d)     autocast each of the two matmuls keeps its own 16-bit cast
+        expert_swiglu   4 m Fe d      gate, SiLU(gate), up and their product (down's input)
+        expert_out      m h r         each expert's output (index_copy keeps its source)
+        combine         2 n k h r     all_to_all: the combined rows (for the gates' gradient) and
+                                      the gate-weighted rows (index_add keeps its source)
+                        2 m h r       gather: the same, on the rank's slots of the gathered tokens
+        shared_input    between d     the shared expert's region entry (as the dense MLP's input)
+        shared_mlp      4 b s sFe/t d the shared SwiGLU of s Fe over tp (s = n_shared_experts)
+        routing         (small terms) the router's float64 weight E h 8, top-k indices and
+                        probabilities 2 n k 8, their sum n 8, the balance loss's E 8 and the
+                        z-loss's n 8 float64, the slots' index tensors (all_to_all: 2 n k 8;
+                        gather: n k 8 + 3 m 8), each expert's row indices m 8, and the gates
+                        (n k r; gather: m r)
     `between` is the block's (n, h)-shaped tensor between regions, in elements (memory.py).
+    Measured against autograd at ep = 1 (tests/test_planner_moe.py): equal to the byte in float32
+    and under autocast. (In float64 the router's copy of its input is the input itself.)
     """
-    h, E, k, F, d = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_ffn, dtype_bytes
+    h, E, k, F, d, r = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_ffn, dtype_bytes, residual_bytes
     n = routed_tokens(micro_batch, seq, tp)
     m = expert_rows(cfg, n, ep, imbalance)
+    gather = dispatch == "gather"
     items = {
         "router_input": n * h * 8,
         "router_logits": n * E * 8,
         "router_probs": n * E * 8,
-        "expert_rows": m * h * d,
+        "expert_rows": 2 * m * h * d if autocast else m * h * r,
         "expert_swiglu": 4 * m * F * d,
-        "expert_out": n * k * h * d,
+        "expert_out": m * h * r,
+        "combine": 2 * (m if gather else n * k) * h * r,
     }
     shared = cfg.n_shared_experts * F // tp  # the shared expert's columns on this rank
     if shared:
         items.update(shared_input=between * d, shared_mlp=4 * micro_batch * seq * shared * d)
     if small_terms:
-        items["routing"] = n * k * (8 + residual_bytes + 8) + E * h * 8
+        router = E * h * 8 + 2 * n * k * 8 + n * 8 + E * 8 + n * 8
+        slots = (n * k * 8 + 3 * m * 8 + m * r) if gather else (2 * n * k * 8 + n * k * r)
+        items["routing"] = router + slots + m * 8
     return items
 
 
@@ -262,7 +278,7 @@ def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True, 
                  + h * heads * D + row_bias)  # row-parallel out projection
     layer = attention + n_fc * f * (h + bias) + h * f + row_bias + 2 * norm  # + MLP and norms
     vocab_rows = V // t if split else V
-    n_moe = cfg.n_moe_layers
+    n_moe = moe_layers(cfg)
     experts = cfg.n_experts // ep * 3 * h * cfg.expert_ffn  # E/ep routed SwiGLU experts, whole
     router = cfg.n_experts * h
     moe_layer = attention + router + 3 * h * (cfg.n_shared_experts * cfg.expert_ffn // t) + experts + 2 * norm

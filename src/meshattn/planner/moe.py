@@ -30,6 +30,12 @@ from ..config import ConfigError, ModelConfig, ParallelConfig
 EXPERT_IMBALANCE = 1.25  # busiest rank's routed rows / the mean, in an ep group (see the module doc)
 
 
+def moe_layers(cfg: ModelConfig) -> int:
+    """cfg.n_moe_layers without walking the layers (ModelConfig.moe_layer's rule: every layer from
+    dense_layers on): the planner asks for it a few times per plan, thousands of plans a search."""
+    return cfg.n_layers - cfg.dense_layers if cfg.is_moe else 0
+
+
 def check_imbalance(imbalance: float) -> float:
     """The imbalance factor, refused unless a finite number >= 1 (the busiest rank / the mean)."""
     if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not math.isfinite(imbalance) \

@@ -47,7 +47,7 @@ def _rank_key(e: Estimate) -> tuple:
     """Faster first; within 0.01% (a tie: e.g. a ring whose transfers hide entirely), the plan with
     fewer parallel axes, then less memory."""
     p = e.plan
-    axes = sum(n > 1 for n in (p.dp, p.cp, p.tp, p.pp)) + (p.shard != "none") + (p.recompute != "none")
+    axes = sum(n > 1 for n in (p.dp, p.cp, p.tp, p.pp, p.parallel.ep)) + (p.shard != "none") + (p.recompute != "none")
     return (float(f"{e.step_time_s:.4g}"), axes, e.memory_bytes["total"])
 
 
@@ -60,7 +60,7 @@ def why(first: Estimate, second: Estimate | None) -> str:
         return (f"{first.plan.describe()} ties with {second.plan.describe()} (equal predicted step time) and is "
                 f"the simpler or smaller of the two; memory {first.memory_bytes['total'] / GIB:.1f} of "
                 f"{first.capacity_bytes / GIB:.1f} GiB")
-    gains = sorted(((second.time_s[k] - first.time_s[k], k) for k in TIME_PARTS), reverse=True)
+    gains = sorted(((second.time_s.get(k, 0.0) - first.time_s.get(k, 0.0), k) for k in TIME_PARTS), reverse=True)
     saved = [f"{d * 1e3:.3g} ms less {k}" for d, k in gains if d > 0.01 * first.step_time_s][:2]
     costs = [f"{-d * 1e3:.3g} ms more {k}" for d, k in sorted(gains) if d < -0.01 * first.step_time_s][:1]
     because = ", ".join(saved + costs) or "nearly equal parts"
