@@ -17,6 +17,7 @@ from ..planner.estimate import Job
 from ..planner.hardware import gpu
 from ..planner.layout import RECOMPUTE_NAMES, SHARDS, parse_plan
 from ..planner.models import load_model, model_from_sizes
+from ..planner.moe import EXPERT_IMBALANCE
 from ..planner.report import budget_text, plot, ranking_text
 from ..planner.search import evaluate, largest_micro_batch, longest_sequence, search, why
 from ..planner.stack import MESHATTN, MESHATTN_FP32
@@ -38,7 +39,7 @@ def plan_command(a: argparse.Namespace) -> int:
         check_at_least(a, 1, "micro_batch")
     if seq > model.max_seq_len:
         model = dataclasses.replace(model, max_seq_len=seq)
-    job = Job(seq, batch)
+    job = Job(seq, batch, expert_imbalance=_expert_imbalance(a, model))
     if a.gpu == "this":
         cluster = HostCluster(calibration or _load_calibration(a), a.gpus)
         stack = MESHATTN if a.dtype == "bfloat16" else MESHATTN_FP32
@@ -82,6 +83,18 @@ def plan_command(a: argparse.Namespace) -> int:
         print(reason)
     _plot(ranking.ranked[:a.top], a)
     return 0
+
+
+def _expert_imbalance(a, model: ModelConfig) -> float:
+    """--expert-imbalance (an MoE model's busiest ep rank's routed rows over the mean; planner/moe.py
+    says why the default). Read with a default: the flag is defined in options.py."""
+    given = getattr(a, "expert_imbalance", None)
+    if given is None:
+        return EXPERT_IMBALANCE
+    if not model.is_moe:
+        raise ConfigError("--expert-imbalance applies to mixture-of-experts models (n_experts > 0); drop it for "
+                          "this dense model")
+    return given  # (Job checks it)
 
 
 def _has_model(a) -> bool:

@@ -42,6 +42,8 @@ import dataclasses
 
 import torch
 
+from torch.profiler import record_function
+
 from ..comm import (Axis, _Adjoint, all_gather, all_gather_raw, all_reduce_, all_to_all_counts, all_to_all_rows,
                     copy_to_group, gather_rows, reduce_scatter, split_rows)
 from ..config import ModelConfig, MoeDispatch
@@ -65,7 +67,9 @@ class ParallelMoE(ShardedModule):
     forward(x (B, S' , h), active (B, S') bool | None, stats list) -> (B, S', h), S' the rank's
     sequence (S/cp, or S/cp/tp under sequence parallelism). Appends this layer's
     {"aux", "z", "counts"}: this rank's shares of the losses (float64 scalars, scaled so that
-    the loss each rank backpropagates is right; see the module doc) and the batch's counts (E,).
+    the loss each rank backpropagates is right; see the module doc) and the batch's counts (E,),
+    with "sent" (this rank's slots) and "received" (the slots its experts computed).
+    Profiler ranges: moe.dispatch, moe.experts, moe.combine.
     """
 
     def __init__(self, cfg: ModelConfig, prefix: str, region: Region, experts: ExpertAxes, batch_ranks: int,
@@ -129,7 +133,8 @@ class ParallelMoE(ShardedModule):
         every = all_reduce_(every, self.axes.world, "fwd")  # the batch's counts and tokens
         total, n_total = every[:E].long(), int(every[E])
         aux, z = balance_terms(r, act, total, n_total, E, k)
-        stats.append({"aux": aux * self.batch_ranks, "z": z * self.batch_ranks, "counts": total})
+        entry = {"aux": aux * self.batch_ranks, "z": z * self.batch_ranks, "counts": total}
+        stats.append(entry)
 
         slot = torch.arange(x.shape[0] * k, device=x.device)  # (n k,) slot s is token s // k's choice s % k
         expert_of, gate = r.experts.reshape(-1), r.gates.reshape(-1)  # (n k,)
@@ -144,8 +149,8 @@ class ParallelMoE(ShardedModule):
                 all_reduce_(torch.tensor([n_active], dtype=torch.float64, device=x.device), ep, "fwd")[0])
             limit = capacity(group, cfg)
         if self.dispatch is MoeDispatch.ALL_TO_ALL:
-            return self._all_to_all(x, slot // k, expert_of, gate, priority, limit)
-        return self._gather(x, slot, expert_of, gate, priority, limit)
+            return self._all_to_all(x, slot // k, expert_of, gate, priority, limit, entry)
+        return self._gather(x, slot, expert_of, gate, priority, limit, entry)
 
     def _experts(self, rows: torch.Tensor, local_expert: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """rows (m, h) through this rank's experts (local_expert (m,) in [0, n_local)) -> (m, h);
@@ -158,25 +163,42 @@ class ParallelMoE(ShardedModule):
             out = out.index_copy(0, idx, swiglu(rows[idx], gate_w[j], up_w[j], down_w[j]).to(out.dtype))
         return out
 
-    def _all_to_all(self, x, token, expert_of, gate, priority, limit):
+    def _all_to_all(self, x, token, expert_of, gate, priority, limit, entry):
         ep, L = self.axes.ep, self.n_local
-        order = torch.argsort(expert_of, stable=True)  # slots by expert, hence by destination rank
-        token, expert_of, gate, priority = token[order], expert_of[order], gate[order], priority[order]
-        sent = torch.bincount(expert_of, minlength=self.cfg.n_experts)  # (E,) slots per expert
-        got = all_to_all_counts(sent, ep).view(ep.size, L)  # (ep, L): from each rank, per local expert
-        send = sent.view(ep.size, L).sum(1).tolist()
-        recv = got.sum(1).tolist()
-        rows = all_to_all_rows(x[token], send, recv, ep)  # (m, h) grouped by source, then expert
-        local_expert = torch.arange(L, device=x.device).repeat(ep.size).repeat_interleave(got.reshape(-1))  # (m,)
-        keep = torch.ones_like(local_expert, dtype=torch.bool)
-        if limit is not None:
-            prio = all_to_all_rows(priority, send, recv, ep)  # (m,) float64
-            keep = keep_mask(local_expert, prio, limit)
-        y = self._experts(rows, local_expert, keep)  # (m, h)
-        back = all_to_all_rows(y, recv, send, ep)  # (n k live, h) in the order sent
-        return x.new_zeros(x.shape).index_add(0, token, (back * gate[:, None]).to(x.dtype))
+        with record_function("moe.dispatch"):
+            order = torch.argsort(expert_of, stable=True)  # slots by expert, hence by destination rank
+            token, expert_of, gate, priority = token[order], expert_of[order], gate[order], priority[order]
+            sent = torch.bincount(expert_of, minlength=self.cfg.n_experts)  # (E,) slots per expert
+            got = all_to_all_counts(sent, ep).view(ep.size, L)  # (ep, L): from each rank, per local expert
+            send = sent.view(ep.size, L).sum(1).tolist()
+            recv = got.sum(1).tolist()
+            rows = all_to_all_rows(x[token], send, recv, ep)  # (m, h) grouped by source, then expert
+            local_expert = torch.arange(L, device=x.device).repeat(ep.size).repeat_interleave(got.reshape(-1))  # (m,)
+            keep = torch.ones_like(local_expert, dtype=torch.bool)
+            if limit is not None:
+                prio = all_to_all_rows(priority, send, recv, ep)  # (m,) float64
+                keep = keep_mask(local_expert, prio, limit)
+        entry.update(sent=len(token), received=int(keep.sum()))
+        with record_function("moe.experts"):
+            y = self._experts(rows, local_expert, keep)  # (m, h)
+        with record_function("moe.combine"):
+            back = all_to_all_rows(y, recv, send, ep)  # (n k live, h) in the order sent
+            return x.new_zeros(x.shape).index_add(0, token, (back * gate[:, None]).to(x.dtype))
 
-    def _gather(self, x, slot, expert_of, gate, priority, limit):
+    def _gather(self, x, slot, expert_of, gate, priority, limit, entry):
+        with record_function("moe.dispatch"):
+            rows, mine, local_expert, keep, gates_all = self._gather_dispatch(x, slot, expert_of, gate, priority, limit)
+        entry.update(sent=len(slot), received=int(keep.sum()))
+        with record_function("moe.experts"):
+            y = self._experts(rows[mine // self.cfg.top_k], local_expert, keep)  # (mine, h)
+        with record_function("moe.combine"):
+            partial = rows.new_zeros(rows.shape).index_add(0, mine // self.cfg.top_k,
+                                                           (y * gates_all[mine, None]).to(rows.dtype))  # (ep most, h)
+            return reduce_scatter(partial, 0, self.axes.ep)[:x.shape[0]]  # (n, h) summed over the experts' ranks
+
+    def _gather_dispatch(self, x, slot, expert_of, gate, priority, limit):
+        """Every rank's tokens and their routing, padded to the largest count, and which of the
+        gathered slots chose this rank's experts."""
         ep, L, k = self.axes.ep, self.n_local, self.cfg.top_k
         n = x.shape[0]
         most = int(all_gather_raw(torch.tensor([n], device=x.device), 0, ep, "fwd").max())  # the largest count
@@ -193,7 +215,5 @@ class ParallelMoE(ShardedModule):
         keep = torch.ones_like(local_expert, dtype=torch.bool)
         if limit is not None:
             keep = keep_mask(local_expert, all_gather_raw(slot_prio, 0, ep, "fwd")[mine], limit)
-        y = self._experts(rows[mine // k], local_expert, keep)  # (mine, h)
-        partial = rows.new_zeros(rows.shape).index_add(0, mine // k, (y * gates_all[mine, None]).to(rows.dtype))  # (ep most, h)
-        return reduce_scatter(partial, 0, ep)[:n]  # (n, h) summed over the experts' ranks
+        return rows, mine, local_expert, keep, gates_all
 
