@@ -192,6 +192,15 @@ CASES = [
     (["train", "--seq-len", "4096"], "seq_len=4096 exceeds the model's max_seq_len=256; lower --seq-len"),
     (["train", "--cp", "2", "--cp-impl", "hybrid"], "--cp-impl hybrid needs --ulysses-size, the Ulysses group"),
     (["train", "--preset", "bogus"], "argument --preset: invalid choice: 'bogus'"),
+    # train: mixture of experts
+    (["train", "--preset", "moe-tiny", "--ep", "4"],
+     "--ep 4 borrows the dp*cp*tp = 1*1*2 = 2 ranks and must divide that number; give e.g. --dp 2 (then 4 ranks)"),
+    (["train", "--ep", "2"], "--ep 2 splits experts, but --preset tiny is a dense model; choose an MoE preset"),
+    (["train", "--preset", "moe-tiny", "--tp", "1", "--dp", "3", "--ep", "3"],
+     "n_experts=8 is not divisible by ep=3; legal ep: 1"),
+    (["train", "--preset", "moe-tiny", "--ep", "0"], "--ep 0 is too small; give --ep 1 or more"),
+    (["train", "--preset", "moe-tiny", "--capacity-factor", "0"], "--capacity-factor 0.0 must be a number > 0"),
+    (["train", "--preset", "moe-tiny", "--moe-dispatch", "bogus"], "argument --moe-dispatch: invalid choice"),
     (["train", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     # train: the output folder
     (["train", *TEXT, "--out", "{afile}"], "is a file, not a folder; give a folder path"),

@@ -28,8 +28,10 @@ def _corpus() -> Corpus:
     return Corpus.from_path(None, max_bytes=1 << 18)
 
 
-def reference_run(cfg: TrainConfig, corpus: Corpus) -> tuple[list[float], list[float]]:
-    """The same training on one device with plain PyTorch: the oracle for train_step."""
+def reference_run(cfg: TrainConfig, corpus: Corpus, balance: list | None = None) -> tuple[list[float], list[float]]:
+    """The same training on one device with plain PyTorch: the oracle for train_step. Returns the
+    next-token losses and gradient norms; for a mixture of experts, `balance` receives each step's
+    load-balancing loss averaged over the MoE layers."""
     torch.manual_seed(cfg.seed)
     ref = Transformer(cfg.model).to(DTYPES[cfg.dtype])
     params = list(ref.parameters())
@@ -42,11 +44,14 @@ def reference_run(cfg: TrainConfig, corpus: Corpus) -> tuple[list[float], list[f
             group["lr"] = lr_at(step, cfg)
         ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
         opt.zero_grad()
-        _, loss = ref(ids, targets)
+        stats: dict = {}
+        _, loss = ref(ids, targets, stats=stats)
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
         opt.step()
-        losses.append(loss.item())
+        losses.append(stats["lm_loss"].item())
+        if balance is not None:
+            balance.append(sum(s["aux"].item() for s in stats["moe"]) / len(stats["moe"]))
     return losses, norms
 
 

@@ -23,6 +23,7 @@ from meshattn.comm import Axis, all_gather_raw
 from meshattn.model.moe import MoE, route
 from meshattn.parallel import gather_state_dict, parallelize
 from parity import assert_close
+from test_data_parallel import reference_run
 from test_tensor_parallel import _capture_block_input, packed_documents
 
 MOE = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=3, d_ff=64, vocab_size=64, max_seq_len=32,
@@ -328,33 +329,6 @@ def _corpus():
     return Corpus.from_path(None, max_bytes=1 << 18)
 
 
-def reference_curve(cfg) -> tuple[list[float], list[float]]:
-    """The same training on one device with plain PyTorch: LM loss and balance loss per step."""
-    from meshattn.training.step import DTYPES, lr_at
-
-    corpus = _corpus()
-    torch.manual_seed(cfg.seed)
-    ref = Transformer(cfg.model).to(DTYPES[cfg.dtype])
-    params = list(ref.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
-    losses, aux = [], []
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        ids, targets = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-        opt.zero_grad()
-        stats: dict = {}
-        _, loss = ref(ids, targets, stats=stats)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        losses.append(stats["lm_loss"].item())
-        aux.append(sum(s["aux"].item() for s in stats["moe"]) / len(stats["moe"]))
-    return losses, aux
-
-
 def train_curve(rank, world, steps, dtype, **layout):
     from meshattn.training.step import build_model, make_optimizer, train_step
 
@@ -383,7 +357,8 @@ def test_fifty_steps_at_ep4_follow_the_single_device_curve(pools, dtype, rtol):
     results = pools.run(4, train_curve, steps=50, dtype=dtype, dp=2, tp=2, ep=4)
     losses, aux = results[0]
     assert all(r == results[0] for r in results), "every rank reports the same losses"
-    ref_losses, ref_aux = reference_curve(_train_cfg(ParallelConfig(), 50, dtype=dtype))
+    ref_aux: list = []
+    ref_losses, _ = reference_run(_train_cfg(ParallelConfig(), 50, dtype=dtype), _corpus(), ref_aux)
     assert losses[-1] < losses[0] - 1.0, "the loss falls"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
     torch.testing.assert_close(torch.tensor(aux), torch.tensor(ref_aux), rtol=rtol, atol=0)

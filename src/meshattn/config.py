@@ -425,6 +425,11 @@ class ParallelConfig:
         if self.ep > 1 and not model.is_moe:
             raise ConfigError(f"ep={self.ep} splits experts, but the model is dense (n_experts=0); use an MoE model "
                               "(e.g. --preset moe-tiny) or ep=1")
+        shared = model.n_shared_experts * model.expert_ffn
+        if model.is_moe and shared and shared % tp:
+            raise ConfigError(f"the shared expert's {shared} hidden units (n_shared_experts x expert_ffn) are not "
+                              f"divisible by tp={tp}; legal tp sizes: "
+                              f"{_legal([t for t in divisors(shared) if model.n_heads % t == 0])}")
         if model.is_moe and model.n_experts % self.ep:
             raise ConfigError(f"n_experts={model.n_experts} is not divisible by ep={self.ep}; legal ep: "
                               f"{_legal([e for e in divisors(model.n_experts) if self.world_size % e == 0])}")

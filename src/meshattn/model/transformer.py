@@ -200,18 +200,19 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, rope, mask, active, layers)
         logits = self.head(self.norm(x))  # (B, S, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            if stats is not None:
-                stats["lm_loss"] = loss.detach()
-            if layers:
-                loss = loss + moe_penalty(self.cfg, layers).to(loss.dtype)
-        if stats is not None:
-            stats["moe"] = layers
-        return logits, loss
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, objective(self.cfg, loss, layers, stats)
 
 
-def moe_penalty(cfg: ModelConfig, layers: list) -> torch.Tensor:
-    """aux_loss_coef * sum of the layers' load-balancing losses + z_loss_coef * sum of their z-losses."""
-    return cfg.aux_loss_coef * sum(s["aux"] for s in layers) + cfg.z_loss_coef * sum(s["z"] for s in layers)
+def objective(cfg: ModelConfig, loss: torch.Tensor | None, layers: list, stats: dict | None) -> torch.Tensor | None:
+    """The next-token loss plus aux_loss_coef times the sum of the MoE layers' load-balancing losses
+    and z_loss_coef times the sum of their z-losses; `stats` (if given) receives "lm_loss" (the
+    next-token loss alone) and "moe" (the layers' entries)."""
+    if stats is not None:
+        stats["moe"] = layers
+        if loss is not None:
+            stats["lm_loss"] = loss.detach()
+    if loss is None or not layers:
+        return loss
+    penalty = cfg.aux_loss_coef * sum(s["aux"] for s in layers) + cfg.z_loss_coef * sum(s["z"] for s in layers)
+    return loss + penalty.to(loss.dtype)

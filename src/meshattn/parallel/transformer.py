@@ -19,7 +19,7 @@ from ..config import ModelConfig, Recompute
 from ..model.norm import rms_norm
 from ..model.mask import document_positions
 from ..mesh import ExpertAxes
-from ..model.transformer import attend_split, mlp_hidden, moe_penalty, rotary_tables
+from ..model.transformer import attend_split, mlp_hidden, objective, rotary_tables
 from .context import batch_mask, local_attention
 from .moe import ParallelMoE
 from .recompute import checkpointed
@@ -222,10 +222,4 @@ class ParallelTransformer(nn.Module):
             vocab_axis = self.tp_axis if self.vocab_parallel else Axis.single(self.tp_axis.name)
             loss = vocab_parallel_cross_entropy(logits, targets, self.tok_emb.vocab_start, vocab_axis,
                                                 self.batch_axis)
-            if stats is not None:
-                stats["lm_loss"] = loss.detach()
-            if layers:
-                loss = loss + moe_penalty(self.cfg, layers).to(loss.dtype)
-        if stats is not None:
-            stats["moe"] = layers
-        return logits, loss
+        return logits, objective(self.cfg, loss, layers, stats)
