@@ -68,8 +68,10 @@ def check_model(rank, world, dp=1, tp=1, cp=1, ep=1, sp=False, dispatch="all_to_
     ref = Transformer(cfg).to(dtype)
     ids, targets = _batch(cfg)
     documents, extra = None, {}
-    if packed:
+    if packed:  # packed documents with padding; "idle": the last dp rank's rows are all padding
         documents = packed_documents(S)
+        if packed == "idle":
+            documents[B - B // dp:] = -1
         targets = targets.masked_fill(documents < 0, -100)
         extra = dict(documents=documents)
     assert routing_margin(ref, ids, documents) > MARGIN
@@ -126,6 +128,7 @@ LAYOUTS = {  # name: (world, layout)
     "dp2xcp2-ep4-gather": (4, dict(dp=2, cp=2, ep=4, dispatch="gather")),
     "dp4-ep1": (4, dict(dp=4, ep=1)),
     "dp2xcp2-ep2-packed": (4, dict(dp=2, cp=2, ep=2, packed=True)),
+    "dp2-ep2-idle-rank": (2, dict(dp=2, ep=2, packed="idle")),
     "cp2:ulysses-ep2@block": (2, dict(cp=2, ep=2, cp_impl="ulysses", recompute="block")),
     "dp2xcp2xtp2-ep8": (8, dict(dp=2, cp=2, tp=2, ep=8)),
     "dp4xtp2-ep4-gather": (8, dict(dp=4, tp=2, ep=4, dispatch="gather")),
