@@ -234,7 +234,7 @@ class ModelConfig:
 
     @property
     def n_moe_layers(self) -> int:
-        return sum(self.moe_layer(i) for i in range(self.n_layers))
+        return self.n_layers - self.dense_layers if self.n_experts > 0 else 0  # moe_layer's rule, counted
 
     def moe_params(self) -> tuple[int, int]:
         """Parameters of one MoE feed-forward layer: (all of them, those one token uses)."""

@@ -148,9 +148,12 @@ class ParallelMoE(ShardedModule):
             group = n_total if ep.size == self.axes.world.size else int(
                 all_reduce_(torch.tensor([n_active], dtype=torch.float64, device=x.device), ep, "fwd")[0])
             limit = capacity(group, cfg)
-        if self.dispatch is MoeDispatch.ALL_TO_ALL:
-            return self._all_to_all(x, slot // k, expert_of, gate, priority, limit, entry)
-        return self._gather(x, slot, expert_of, gate, priority, limit, entry)
+        rows = x  # the rows that travel: in the autocast dtype when there is one (the experts compute in it)
+        if torch.is_autocast_enabled(x.device.type):
+            rows = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.dispatch is MoeDispatch.ALL_TO_ALL or self.axes.ep.size == 1:
+            return self._all_to_all(rows, slot // k, expert_of, gate, priority, limit, entry).to(x.dtype)
+        return self._gather(rows, slot, expert_of, gate, priority, limit, entry, x.dtype)
 
     def _experts(self, rows: torch.Tensor, local_expert: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """rows (m, h) through this rank's experts (local_expert (m,) in [0, n_local)) -> (m, h);
@@ -183,17 +186,18 @@ class ParallelMoE(ShardedModule):
             y = self._experts(rows, local_expert, keep)  # (m, h)
         with record_function("moe.combine"):
             back = all_to_all_rows(y, recv, send, ep)  # (n k live, h) in the order sent
-            return x.new_zeros(x.shape).index_add(0, token, (back * gate[:, None]).to(x.dtype))
+            out = torch.zeros(x.shape, dtype=gate.dtype, device=x.device)  # (n, h) summed in the gates' dtype
+            return out.index_add(0, token, back * gate[:, None])
 
-    def _gather(self, x, slot, expert_of, gate, priority, limit, entry):
+    def _gather(self, x, slot, expert_of, gate, priority, limit, entry, dtype):
         with record_function("moe.dispatch"):
             rows, mine, local_expert, keep, gates_all = self._gather_dispatch(x, slot, expert_of, gate, priority, limit)
         entry.update(sent=len(slot), received=int(keep.sum()))
         with record_function("moe.experts"):
             y = self._experts(rows[mine // self.cfg.top_k], local_expert, keep)  # (mine, h)
         with record_function("moe.combine"):
-            partial = rows.new_zeros(rows.shape).index_add(0, mine // self.cfg.top_k,
-                                                           (y * gates_all[mine, None]).to(rows.dtype))  # (ep most, h)
+            partial = torch.zeros(rows.shape, dtype=dtype, device=rows.device)  # (ep most, h) in x's dtype
+            partial = partial.index_add(0, mine // self.cfg.top_k, (y * gates_all[mine, None]).to(dtype))
             return reduce_scatter(partial, 0, self.axes.ep)[:x.shape[0]]  # (n, h) summed over the experts' ranks
 
     def _gather_dispatch(self, x, slot, expert_of, gate, priority, limit):
@@ -206,7 +210,7 @@ class ParallelMoE(ShardedModule):
         slot_prio = torch.zeros(most * k, dtype=torch.float64, device=x.device)
         slot_expert[slot] = expert_of
         slot_prio[slot] = priority
-        slot_gate = x.new_zeros(most * k).index_put((slot,), gate)  # (most k,) differentiable in gate
+        slot_gate = gate.new_zeros(most * k).index_put((slot,), gate)  # (most k,) differentiable in gate
         rows = all_gather(torch.nn.functional.pad(x, (0, 0, 0, most - n)), 0, ep)  # (ep most, h)
         experts_all = all_gather_raw(slot_expert, 0, ep, "fwd")  # (ep most k,)
         gates_all = all_gather(slot_gate, 0, ep)  # (ep most k,)

@@ -128,12 +128,14 @@ def context_attention_comm(impl: str, layout: str, p: int, batch: int, heads: in
 
 
 def moe_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int, itemsize: int = 4,
-             imbalance: float = 1.0, grad_bytes: int = 4) -> dict[str, Volume]:
+             imbalance: float = 1.0, grad_bytes: int = 4, row_itemsize: int | None = None) -> dict[str, Volume]:
     """Collective payloads of the MoE layers (beyond tensor_parallel_comm's) in one forward +
     backward of one rank on `batch` x `seq` tokens (seq = S/cp), keys "axis/kind/phase", as
     parallel/moe.py records them. Per MoE layer, with n = moe.routed_tokens(batch, seq, tp) tokens
-    routed by the rank, h = d_model, E experts, k = top_k; rows, gates and their gradients in
-    `itemsize` (the MoE input's dtype: the residual stream's), ids and counts int64:
+    routed by the rank, h = d_model, E experts, k = top_k; gates, the gather's summed output and
+    their gradients in `itemsize` (the MoE input's dtype: the residual stream's), the travelling
+    rows and their gradients in `row_itemsize` (the compute dtype: 16-bit under autocast; default
+    itemsize), ids and counts int64:
 
     ep (the ep group; nothing at ep = 1), moe_dispatch
         all_to_all   forward: the E counts (one all_to_all_single), then the n k rows (dispatch)
@@ -161,23 +163,24 @@ def moe_comm(model: ModelConfig, par: ParallelConfig, batch: int, seq: int, item
     h, E, k, ep = model.d_model, model.n_experts, model.top_k, par.ep
     n = routed_tokens(batch, seq, par.tp)
     capacity = model.capacity_factor is not None
+    row_item = itemsize if row_itemsize is None else row_itemsize
     if ep > 1 and par.moe_dispatch == "all_to_all":
         rows = math.ceil(dispatch_imbalance(ep, imbalance) * n * k)  # the rank's rows (the busiest's at x > 1)
         out["ep/all_to_all/fwd"].add(L, E, 8)  # counts per expert
-        out["ep/all_to_all/fwd"].add(2 * L, rows * h, itemsize)  # dispatch, combine
-        out["ep/all_to_all/bwd"].add(2 * L, rows * h, itemsize)  # their gradients
+        out["ep/all_to_all/fwd"].add(2 * L, rows * h, row_item)  # dispatch, combine
+        out["ep/all_to_all/bwd"].add(2 * L, rows * h, row_item)  # their gradients
         if capacity:
             out["ep/all_to_all/fwd"].add(L, n * k, 8)  # priorities
     elif ep > 1:
         gathered = ep * n  # tokens of the group, each rank's padded to the largest count
         out["ep/all_gather/fwd"].add(L, ep, 8)  # counts
-        out["ep/all_gather/fwd"].add(L, gathered * h, itemsize)  # rows
+        out["ep/all_gather/fwd"].add(L, gathered * h, row_item)  # rows
         out["ep/all_gather/fwd"].add(L, gathered * k, 8)  # expert ids
         out["ep/all_gather/fwd"].add(L, gathered * k, itemsize)  # gates
         if capacity:
             out["ep/all_gather/fwd"].add(L, gathered * k, 8)  # priorities
         out["ep/reduce_scatter/fwd"].add(L, gathered * h, itemsize)  # the experts' output, home
-        out["ep/reduce_scatter/bwd"].add(L, gathered * h, itemsize)  # the gathered rows' gradient
+        out["ep/reduce_scatter/bwd"].add(L, gathered * h, row_item)  # the gathered rows' gradient
         out["ep/reduce_scatter/bwd"].add(L, gathered * k, itemsize)  # the gathered gates' gradient
         out["ep/all_gather/bwd"].add(L, gathered * h, itemsize)  # the output's gradient
     if capacity and 1 < ep < par.world_size:

@@ -159,7 +159,8 @@ def _moe_summary(model, job, plan, stack, micro, ep_s, states) -> dict:
     byte counter's: at imbalance 1) and its time."""
     p = plan.parallel
     n = routed_tokens(plan.micro_batch, job.seq_len // p.cp, p.tp)
-    vols = moe_comm(model, p, plan.micro_batch, job.seq_len // p.cp, stack.residual_bytes, 1.0, stack.grad_bytes)
+    vols = moe_comm(model, p, plan.micro_batch, job.seq_len // p.cp, stack.residual_bytes, 1.0, stack.grad_bytes,
+                    stack.act_bytes)
     ep_bytes = sum(v.nbytes for k, v in vols.items() if k.startswith("ep/"))
     return {"ep": p.ep, "dispatch": p.moe_dispatch if p.ep > 1 else None, "experts_per_rank": model.n_experts // p.ep,
             "expert_replicas": expert_replicas(p), "expert_imbalance": job.expert_imbalance,
@@ -270,7 +271,7 @@ def _ep_s(model, job, plan, cluster, stack, S, micro) -> float:
         return 0.0
     p = plan.parallel
     vols = moe_comm(model, p, plan.micro_batch, S // p.cp, stack.residual_bytes, job.expert_imbalance,
-                    stack.grad_bytes)
+                    stack.grad_bytes, stack.act_bytes)
     t = {"fwd": 0.0, "bwd": 0.0}
     for key, vol in vols.items():
         axis, kind, phase = key.split("/")

@@ -194,17 +194,18 @@ def moe_activation_bytes(cfg: ModelConfig, micro_batch: int, seq: int, tp: int, 
     this rank (moe.routed_tokens), m = ceil(x n k) rows its experts compute (x: the imbalance,
     moe.expert_rows), E experts, k = top_k, Fe = expert_ffn, d = dtype_bytes; r = residual_bytes:
     the MoE's input keeps the residual stream's dtype (the norm returns its input's), and so do
-    the rows it dispatches, the experts' collected outputs and the gates.
+    the gates and the gate-weighted sums; the rows it dispatches and the experts' outputs are in
+    the compute dtype d (cast once before the dispatch under autocast).
         router_input    n h 8         the router's float64 copy of its input (its matmul's input)
         router_logits   n E 8         float64 logits (the z-loss's log-sum-exp input)
         router_probs    n E 8         the float64 softmax output
-        expert_rows     m h r         the rows each expert's gate and up matmuls read; under
-                        (2 m h d)     autocast each of the two matmuls keeps its own 16-bit cast
+        expert_rows     m h d         the rows each expert's gate and up matmuls read (one copy:
+                                      they arrive in the compute dtype)
         expert_swiglu   4 m Fe d      gate, SiLU(gate), up and their product (down's input)
-        expert_out      m h r         each expert's output (index_copy keeps its source)
-        combine         2 n k h r     all_to_all: the combined rows (for the gates' gradient) and
-                                      the gate-weighted rows (index_add keeps its source)
-                        2 m h r       gather: the same, on the rank's slots of the gathered tokens
+        expert_out      m h d         each expert's output (index_copy keeps its source)
+        combine         n k h (d + r) all_to_all: the combined rows (d, for the gates' gradient)
+                                      and the gate-weighted rows (r; index_add keeps its source)
+                        m h (d + r)   gather: the same, on the rank's slots of the gathered tokens
         shared_input    between d     the shared expert's region entry (as the dense MLP's input)
         shared_mlp      4 b s sFe/t d the shared SwiGLU of s Fe over tp (s = n_shared_experts)
         routing         (small terms) the router's float64 weight E h 8, top-k indices and
@@ -219,15 +220,15 @@ def moe_activation_bytes(cfg: ModelConfig, micro_batch: int, seq: int, tp: int, 
     h, E, k, F, d, r = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_ffn, dtype_bytes, residual_bytes
     n = routed_tokens(micro_batch, seq, tp)
     m = expert_rows(cfg, n, ep, imbalance)
-    gather = dispatch == "gather"
+    gather = dispatch == "gather" and ep > 1  # at ep = 1 the layer takes the all-to-all path (no exchange)
     items = {
         "router_input": n * h * 8,
         "router_logits": n * E * 8,
         "router_probs": n * E * 8,
-        "expert_rows": 2 * m * h * d if autocast else m * h * r,
+        "expert_rows": m * h * d,
         "expert_swiglu": 4 * m * F * d,
-        "expert_out": m * h * r,
-        "combine": 2 * (m if gather else n * k) * h * r,
+        "expert_out": m * h * d,
+        "combine": (m if gather else n * k) * h * (d + r),
     }
     shared = cfg.n_shared_experts * F // tp  # the shared expert's columns on this rank
     if shared:
@@ -325,11 +326,14 @@ def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none",
     """
     if shard not in SHARD_MODES:
         raise ValueError(f"shard={shard!r} is unknown; choose one of {SHARD_MODES}")
-    if dp < 1 or (dp * tp) % ep:
-        raise ValueError(f"dp={dp} must be a positive integer, and dp x tp a multiple of ep={ep}")
+    if dp < 1:
+        raise ValueError(f"dp={dp} must be a positive integer")
+    if shard != "none" and (dp * tp) % ep:
+        raise ValueError(f"ZeRO shards the experts over their dp x tp / ep copies: dp x tp = {dp * tp} must be a "
+                         f"multiple of ep={ep}")
     counts = params_per_rank(cfg, tp, vocab_parallel, ep)
     P, P_e = counts["total"], counts.get("experts", 0)
-    edp = dp * tp // ep  # ranks holding the same experts
+    edp = max(dp * tp // ep, 1)  # ranks holding the same experts
     if P_e == 0 or (ep == 1 and tp == 1):
         part = -(-P // dp)  # ceil(P / dp)
         expert_part = -(-P_e // dp)  # (their share of the flat buffer; unpadded)

@@ -53,11 +53,11 @@ def budget_text(e: Estimate, largest_micro_batch: int, longest_seq: int) -> str:
     lines = [f"memory per GPU of {e.plan.describe()} (capacity {e.capacity_bytes / GIB:.2f} GiB usable):"]
     for k in MEMORY_PARTS:
         lines.append(f"  {k:<12} {m[k] / GIB:10.3f} GiB  {m[k] / e.capacity_bytes:6.1%}")
-    if e.moe:
-        lines.append(f"  (of weights, gradients and optimizer: {e.moe['expert_state_bytes'] / GIB:.3f} GiB for "
-                     f"{e.moe['experts_per_rank']} experts per MoE layer)")
     lines.append(f"  {'total':<12} {m['total'] / GIB:10.3f} GiB  {m['total'] / e.capacity_bytes:6.1%}"
                  f"  {'fits' if e.fits else 'DOES NOT FIT'}")
+    if e.moe:
+        lines.append(f"of weights, gradients and optimizer state, {e.moe['expert_state_bytes'] / GIB:.3f} GiB are the "
+                     f"routed experts ({e.moe['experts_per_rank']} per MoE layer on this GPU)")
     lines.append(f"largest micro-batch that fits: {largest_micro_batch or 'none'}; longest sequence at micro-batch "
                  f"{e.plan.micro_batch}: {longest_seq or 'none'} tokens")
     lines.append(f"predicted step {_ms(e.step_time_s)} ms, {e.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {e.mfu:.1%}")
