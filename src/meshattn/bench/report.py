@@ -1,4 +1,6 @@
-"""The bench's outputs: a terminal table, a JSON file and PNG plots (matplotlib, if installed)."""
+"""The outputs of bench and profile: terminal tables, a JSON file and PNG plots (matplotlib, if
+installed). For a mixture of experts the bench table gains the routing imbalance and the MoE time
+shares, and profile prints and plots the tokens per expert and each rank's MoE time."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ def _comm(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ["S", "layout", "ranks", "fwd+bwd ms (min-max)", "vs single", "tokens/s", "act MiB", "peak RSS MiB",
-            "comm MiB/step", "imbal time/work", "|loss-ref|"]
+    moe = any("expert_imbalance" in r for r in results)
+    head = ["S", "layout", "ranks", "fwd+bwd ms (min-max)", "vs single", "tokens/s", "param MiB", "act MiB",
+            "peak RSS MiB", "comm MiB/step", "imbal time/work", "|loss-ref|"]
+    head += ["imbal experts/ranks", "disp+comb/experts"] if moe else []
     lines = []
     for r in results:
         if "skipped" in r:
-            lines.append([str(r["seq_len"]), r["layout"], "-", "skipped: " + r["skipped"]] + [""] * 7)
+            lines.append([str(r["seq_len"]), r["layout"], "-", "skipped: " + r["skipped"]] + [""] * (len(head) - 4))
             continue
         vs = f"{r['vs_single']:.2f}x" if "vs_single" in r else "-"
         if "vs_native" in r:
@@ -31,15 +35,23 @@ def table(results: list[dict]) -> str:
         lines.append([
             str(r["seq_len"]), r["layout"], f"{r['world']}x{r['threads_per_rank']}t",
             f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}-{r['step_ms_max']:.0f})", vs, f"{r['tokens_per_s']:,.0f}",
-            f"{r['activation_bytes'] / MiB:.1f}", f"{r['peak_rss'] / MiB:.0f}", _comm(r),
-            f"{r['time_imbalance']:.2f}/{r['work_imbalance']:.2f}",
-            f"{r['loss_delta']:.1e}" if "loss_delta" in r else "-"])
+            f"{r['param_bytes'] / MiB:.1f}", f"{r['activation_bytes'] / MiB:.1f}", f"{r['peak_rss'] / MiB:.0f}",
+            _comm(r), f"{r['time_imbalance']:.2f}/{r['work_imbalance']:.2f}",
+            f"{r['loss_delta']:.1e}" if "loss_delta" in r else "-"] + (_moe_cells(r) if moe else []))
     widths = [max(len(head[i]), *(len(row[i]) for row in lines if not row[3].startswith("skipped")))
               if lines else len(head[i]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])]
     out += ["  ".join(row[:3]) + "  " + row[3] if row[3].startswith("skipped") else fmt(row) for row in lines]
     return "\n".join(out)
+
+
+def _moe_cells(r: dict) -> list[str]:
+    """imbalance of experts / of ranks; the step's shares in dispatch+combine / in the experts."""
+    if "expert_imbalance" not in r:
+        return ["-", "-"]
+    shares = f"{r['comm_share']:.0%}/{r['experts_share']:.0%}" if "comm_share" in r else "-"
+    return [f"{r['expert_imbalance']:.2f}/{r['rank_imbalance']:.2f}", shares]
 
 
 def native_ratios(results: list[dict]) -> list[str]:
@@ -109,3 +121,101 @@ def plot(results: list[dict], out: Path, title: str) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# -- profile
+
+def profile_text(s: dict) -> str:
+    """profile.json's per-rank compute/communication split, and the MoE section if there is one."""
+    lines = ["rank  step ms  compute ms  comm ms  hidden  exposed comm ms  other ms  load"]
+    for r, load in zip(s["ranks"], s["relative_load"]):
+        lines.append(f"{r['rank']:>4}  {r['step_s'] * 1e3:7.1f}  {r['compute_s'] * 1e3:10.1f}  "
+                     f"{r['comm_s'] * 1e3:7.1f}  {r['hidden_share']:6.0%}  {r['exposed_comm_s'] * 1e3:15.1f}  "
+                     f"{r['other_s'] * 1e3:8.1f}  {load:4.2f}")
+    lines.append(f"load imbalance (max-min)/mean {s['load_imbalance']:.3f}, parallel efficiency min/max "
+                 f"{s['efficiency']:.3f}, slowest rank {s['slowest_rank']}")
+    return "\n".join(lines + (moe_profile_text(s) if "moe" in s else []))
+
+
+def moe_profile_text(s: dict) -> list[str]:
+    """Tokens per expert per MoE block (last profiled step), the slots each rank's experts
+    computed, and each rank's time in dispatch, experts and combine (forward/backward)."""
+    m = s["moe"]
+    blocks = m["blocks"]
+    lines = [f"MoE blocks {', '.join(map(str, blocks))}: {m['n_experts']} experts, top-{m['top_k']}, "
+             f"{m['tokens']} tokens per step; tokens per expert (last step; the busiest over the mean "
+             f"{m['expert_imbalance']:.2f}, worst block):"]
+    lines += [f"  block {b}: " + " ".join(f"{c:>4}" for c in counts) for b, counts in zip(blocks, m["expert_counts"])]
+    lines.append("rank  slots its experts computed, per block  (max/mean over ranks: "
+                 + " ".join(f"{x:.2f}" for x in m["rank_imbalance"]) + ")")
+    lines += [f"{rank:>4}  " + " ".join(f"{c:>5}" for c in got) for rank, got in enumerate(m["received"])]
+    timed = [r for r in s["ranks"] if "moe" in r]
+    if timed:
+        lines.append("rank  dispatch ms fwd/bwd  experts ms fwd/bwd  combine ms fwd/bwd  rest ms  dispatch+combine")
+        for r in timed:
+            t = r["moe"]
+            cells = [f"{t[f'{k}_s'] * 1e3:.1f}/{t[f'{k}_bwd_s'] * 1e3:.1f}" for k in ("dispatch", "experts", "combine")]
+            lines.append(f"{r['rank']:>4}  {cells[0]:>19}  {cells[1]:>18}  {cells[2]:>18}  {t['rest_s'] * 1e3:7.1f}  "
+                         f"{t['comm_share']:16.0%}")
+    return lines
+
+
+def plot_moe_profile(s: dict, path: Path) -> Path | None:
+    """profile_moe.png: tokens per expert per MoE block, the slots each rank's experts computed
+    per block, and each rank's step split into dispatch+combine, experts (forward, backward) and
+    the rest. None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, ranks = s["moe"], [r for r in s["ranks"] if "moe" in r]
+    fig, axes = plt.subplots(1, 3 if ranks else 2, figsize=(15 if ranks else 10, 4.5))
+    _grouped(axes[0], m["expert_counts"], [f"block {b}" for b in m["blocks"]], "expert",
+             "tokens routed (slots)", f"tokens per expert (top-{m['top_k']})")
+    axes[0].axhline(m["tokens"] * m["top_k"] / m["n_experts"], color="k", linestyle=":", linewidth=1,
+                    label="uniform")
+    axes[0].legend(fontsize=7)
+    _grouped(axes[1], [list(c) for c in zip(*m["received"])], [f"block {b}" for b in m["blocks"]], "rank",
+             "slots computed", "slots each rank's experts computed")
+    if ranks:
+        _moe_time_bars(axes[2], ranks)
+    fig.suptitle(f"{s['layout']}: mixture of experts, {s['steps']} profiled steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grouped(ax, series: list[list[float]], labels: list[str], xlabel: str, ylabel: str, title: str) -> None:
+    """One bar group per x position (0..n-1), one bar per series."""
+    w = 0.8 / len(series)
+    for i, (values, label) in enumerate(zip(series, labels)):
+        ax.bar([x - 0.4 + w * (i + 0.5) for x in range(len(values))], values, w, label=label)
+    ax.set_xticks(range(len(series[0])))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _moe_time_bars(ax, ranks: list[dict]) -> None:
+    """Per rank, a stacked bar of the step (ms): dispatch+combine fwd/bwd, experts fwd/bwd, the rest."""
+    parts = [("dispatch+combine fwd", lambda t: t["dispatch_s"] + t["combine_s"], "tab:red"),
+             ("dispatch+combine bwd", lambda t: t["dispatch_bwd_s"] + t["combine_bwd_s"], "salmon"),
+             ("experts fwd", lambda t: t["experts_s"], "tab:blue"),
+             ("experts bwd", lambda t: t["experts_bwd_s"], "lightsteelblue"),
+             ("rest of the step", lambda t: t["rest_s"], "lightgray")]
+    x = [r["rank"] for r in ranks]
+    bottom = [0.0] * len(ranks)
+    for label, value, color in parts:
+        heights = [value(r["moe"]) * 1e3 for r in ranks]
+        ax.bar(x, heights, 0.6, bottom=bottom, label=label, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(x)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("ms per step")
+    ax.set_title("where each rank's step goes", fontsize=9)
+    ax.legend(fontsize=7)

@@ -9,6 +9,12 @@ Summary of one layout (all per rank, the worst rank where ranks differ):
     time_imbalance max / mean of the ranks' median step times
     work_imbalance max / mean of the ranks' causal attention FLOPs (context parallelism)
     loss_delta     |first loss - the reference's| (every layout computes the same model)
+For a mixture of experts (bench/moe.py):
+    expert_imbalance, rank_imbalance   the busiest expert's slots over the mean (worst layer);
+                   max / mean over ranks of the slots each rank's experts computed (worst layer)
+    expert_counts  tokens per expert per MoE layer (the last timed step's batch)
+    comm_share, experts_share   dispatch + combine, and the experts, forward and backward, as
+                   shares of one profiled step (mean over ranks; meshattn layouts only)
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..config import ConfigError, ModelConfig
 from ..launch import launch
 from ..parallel.balance import causal_work, imbalance
 from .layouts import Layout, check_layout, layout_to_dict, parse_layout
+from .moe import summary as moe_summary
 
 
 def _launch(layout: Layout, cfg_dict: dict, warmup: int, steps: int, backend: str | None, timeout_s: float,
@@ -55,7 +62,21 @@ def summarize(layout: Layout, seq_len: int, batch_size: int, rows: list[dict]) -
         "time_imbalance": max(rank_medians) / statistics.mean(rank_medians),
         "work_imbalance": imbalance(work),
         "first_loss": rows[0]["first_loss"],
+        **_moe_fields(rows),
     }
+
+
+def _moe_fields(rows: list[dict]) -> dict:
+    """The routing and the MoE time split of a mixture of experts' rows (empty for a dense model)."""
+    if "moe" not in rows[0]:
+        return {}
+    s = moe_summary([r["moe"] for r in rows])
+    out = {"expert_imbalance": s["expert_imbalance"], "rank_imbalance": s["rank_imbalance_max"],
+           "expert_counts": s["expert_counts"]}
+    if "moe_time" in rows[0]:
+        for key in ("comm_share", "experts_share"):
+            out[key] = statistics.mean(r["moe_time"][key] for r in rows)
+    return out
 
 
 def add_comparisons(results: list[dict]) -> None:
@@ -78,16 +99,17 @@ def add_comparisons(results: list[dict]) -> None:
 
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
-    """One row per (sequence, layout): medians over rounds of the step time and of the ratios
-    (each ratio taken within its round, against peers measured minutes apart at most); the
-    min-max of the step time over every step of every round; the rounds' values kept."""
+    """One row per (sequence, layout): medians over rounds of the step time, of the ratios
+    (each ratio taken within its round, against peers measured minutes apart at most) and of
+    the MoE time shares; the min-max of the step time over every step of every round; the
+    rounds' values kept."""
     merged = []
     for rows in zip(*rounds):
         first = dict(rows[0])
         if "skipped" in first or len(rows) == 1:
             merged.append(first)
             continue
-        for key in ("step_ms", "vs_single", "vs_native", "tokens_per_s"):
+        for key in ("step_ms", "vs_single", "vs_native", "tokens_per_s", "comm_share", "experts_share"):
             values = [r[key] for r in rows if key in r]
             if values:
                 first[key] = statistics.median(values)

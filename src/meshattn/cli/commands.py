@@ -39,16 +39,21 @@ def train_command(a: argparse.Namespace) -> int:
 
 def bench_command(a: argparse.Namespace) -> int:
     from ..bench import default_layouts, run_bench
+    from ..bench.layouts import peer_notes
     from ..bench.report import native_ratios, plot, table, write_json
 
     if under_torchrun(os.environ):
         raise ConfigError("meshattn bench starts fresh worker processes for every layout; run it directly, "
                           "not under torchrun")
     model, layouts = check_bench(a)
+    notes = [] if layouts else peer_notes(a.world, model, a.batch_size, max(a.seq_len))
     layouts = layouts or default_layouts(a.world, model, a.batch_size, max(a.seq_len))
+    experts = f", {model.n_experts} experts top-{model.top_k}" if model.is_moe else ""
     print(f"meshattn bench: d_model={model.d_model} heads={model.n_heads}/{model.n_kv_heads} layers={model.n_layers} "
-          f"d_ff={model.d_ff}, batch {a.batch_size}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed fwd+bwd steps; "
-          f"{len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
+          f"d_ff={model.d_ff}{experts}, batch {a.batch_size}, {a.dtype}, {a.warmup} warm-up + {a.steps} timed fwd+bwd "
+          f"steps; {len(layouts)} layouts x {len(a.seq_len)} sequence lengths", flush=True)
+    for note in notes:
+        print(f"meshattn bench: {note}", flush=True)
     try:
         results = run_bench(model, layouts, a.seq_len, a.batch_size, a.warmup, a.steps, a.dtype, a.backend,
                             a.timeout, progress=not a.no_progress, data=a.data, rounds=a.rounds,
@@ -72,6 +77,7 @@ def bench_command(a: argparse.Namespace) -> int:
 
 def profile_command(a: argparse.Namespace) -> int:
     from ..bench.layouts import layout_to_dict
+    from ..bench.report import plot_moe_profile, profile_text
     from ..bench.worker import profile_layout
 
     layout, cfg = check_profile(a)
@@ -88,14 +94,10 @@ def profile_command(a: argparse.Namespace) -> int:
     except WorkerFailed as e:
         return _report_failure(e, a.verbose)
     s = json.loads((out / "profile.json").read_text())
-    print("rank  step ms  compute ms  comm ms  hidden  exposed comm ms  other ms  load")
-    for r, load in zip(s["ranks"], s["relative_load"]):
-        print(f"{r['rank']:>4}  {r['step_s'] * 1e3:7.1f}  {r['compute_s'] * 1e3:10.1f}  {r['comm_s'] * 1e3:7.1f}  "
-              f"{r['hidden_share']:6.0%}  {r['exposed_comm_s'] * 1e3:15.1f}  {r['other_s'] * 1e3:8.1f}  {load:4.2f}")
-    print(f"load imbalance (max-min)/mean {s['load_imbalance']:.3f}, parallel efficiency min/max {s['efficiency']:.3f}, "
-          f"slowest rank {s['slowest_rank']}")
-    print(f"wrote {out / 'profile.json'} and {layout.world} traces {out / 'trace_rank*.json'} "
-          "(open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
+    print(profile_text(s))
+    plot = None if a.no_plots or "moe" not in s else plot_moe_profile(s, out / "profile_moe.png")
+    print(f"wrote {out / 'profile.json'}" + (f", {plot}" if plot else "") + f" and {layout.world} traces "
+          f"{out / 'trace_rank*.json'} (open in https://ui.perfetto.dev or chrome://tracing)", flush=True)
     return 0
 
 

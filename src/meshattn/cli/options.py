@@ -89,8 +89,9 @@ def _bench_parser(sub) -> None:
     _model_flags(p)
     p.add_argument("--world", type=int, default=2, help="ranks for the default layout list")
     p.add_argument("--layouts", nargs="+", default=None,
-                   help="e.g. single native-tp2 tp2 tp2+sp dp2 cp2:ring cp2:ulysses dp2xtp2 cp4:hybrid2 "
-                        "(default: every valid layout of --world ranks, plus the two peers)")
+                   help="e.g. single native-tp2 tp2 tp2+sp dp2 cp2:ring cp2:ulysses dp2xtp2 cp4:hybrid2, or for an "
+                        "MoE --preset dp4xep4 dp4xep4:gather dp2xtp2xep4 (default: every valid layout of --world "
+                        "ranks, plus the two peers; for an MoE model the ep variants too and no native peer)")
     p.add_argument("--seq-len", type=int, nargs="+", default=[256], help="one or more (several: a scaling plot)")
     p.add_argument("--steps", type=int, default=5, help="timed forward+backward steps per layout")
     _job_flags(p)
@@ -125,16 +126,21 @@ def _job_flags(p) -> None:
 
 def _profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="one layout under torch.profiler on every rank: traces and the compute / "
-                                       "communication split per rank", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layout", default="tp2", help="a layout name as for bench, e.g. tp2, dp2xtp2, cp2:ring, native-tp2")
+                                       "communication split per rank (and, for an MoE model, the experts' load "
+                                       "and the dispatch/combine time)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layout", default="tp2", help="a layout name as for bench, e.g. tp2, dp2xtp2, cp2:ring, "
+                                                   "native-tp2, dp4xep4 (with an MoE --preset such as moe-tiny)")
     _model_flags(p)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="profiled forward+backward steps")
     _job_flags(p)
     p.add_argument("--no-overlap", action="store_true",
                    help="complete ring transfers and TP input-gradient all-reduces at once (to see what overlap hides)")
-    p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces and profile.json")
+    p.add_argument("--out", default="runs/profile", help="folder for the per-rank traces, profile.json and, for a "
+                                                         "mixture of experts, profile_moe.png")
     _verbose_flag(p)
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="accepted like train's and bench's (profile shows "
                                                               "no progress bar)")
 
@@ -142,6 +148,7 @@ def _profile_parser(sub) -> None:
 def _plan_parser(sub) -> None:
     from ..planner.hardware import GPUS
     from ..planner.layout import RECOMPUTE_NAMES, SHARDS
+    from ..planner.moe import EXPERT_IMBALANCE
 
     p = sub.add_parser("plan", help="choose the dp x cp x tp layout for a model and a cluster: predicted step "
                                     "time and memory per GPU, ranked",
@@ -174,7 +181,8 @@ def _plan_parser(sub) -> None:
                         "~/.cache/meshattn/calibration.json)")
     L = p.add_argument_group("layout (default: searched)")
     L.add_argument("--layout", default=None, help="evaluate this one layout: the bench grammar plus ppN, e.g. "
-                                                  "dp4xtp8xpp4, dp2xcp4:ring, cp4:hybrid2, tp8+sp@attention")
+                                                  "dp4xtp8xpp4, dp2xcp4:ring, cp4:hybrid2, tp8+sp@attention, "
+                                                  "dp4xep4 (MoE: ep<N>[:gather])")
     L.add_argument("--recompute", default=None, choices=RECOMPUTE_NAMES,
                    help="activation checkpointing: selective = the attention core, full = whole blocks "
                         "(default: searched; none with --layout)")
@@ -183,6 +191,10 @@ def _plan_parser(sub) -> None:
                                                                   "(zero3) over the data axis (default: searched)")
     L.add_argument("--pipeline", action="store_true", help="search pipeline stages too (modelled analytically; "
                                                            "meshattn itself does not run pipelines)")
+    L.add_argument("--expert-imbalance", type=float, default=None, metavar="X",
+                   help="MoE models: the busiest expert-parallel rank's routed rows over the mean, applied to its "
+                        "expert compute, dispatch volume and activations (1 = balanced; default "
+                        f"{EXPERT_IMBALANCE}, see planner/moe.py)")
     o = p.add_argument_group("output")
     o.add_argument("--memory", action="store_true", help="the memory budget of one layout: its breakdown, the "
                                                          "largest micro-batch and the longest sequence that fit")

@@ -66,6 +66,11 @@ def expert_counts(experts: torch.Tensor, active: torch.Tensor | None, n_experts:
     return torch.bincount(chosen.reshape(-1), minlength=n_experts)
 
 
+def expert_imbalance(counts: list[list[int]]) -> float:
+    """The busiest expert's assignments over the mean, in the worst layer; counts (layers, E)."""
+    return max(max(c) / max(sum(c) / len(c), 1e-12) for c in counts)
+
+
 def balance_terms(r: Routing, active: torch.Tensor | None, counts: torch.Tensor, n_tokens: int,
                   n_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This set of tokens' share of the layer's (load-balancing loss, z-loss), float64 scalars.

@@ -19,6 +19,7 @@ from ..comm import CommCounter, all_reduce_
 from ..config import DType, TrainConfig
 from ..mesh import ParallelDims, current_device
 from ..model import Transformer
+from ..model.moe import expert_imbalance
 from ..parallel import ParallelModel, parallelize
 from .corpus import Corpus
 from .packing import PackedCorpus
@@ -204,6 +205,5 @@ class MoeReport:
         expert_counts (per layer, per expert), imbalance (the busiest expert's tokens over the
         mean, worst layer)."""
         aux, z = (all_reduce_(self.shares.clone(), world, "step") / (self.layers * micro_batches)).tolist()
-        counts = self.counts.double()
-        imbalance = (counts.max(1).values / counts.mean(1).clamp(min=1e-12)).max().item()
-        return {"aux_loss": aux, "z_loss": z, "expert_counts": self.counts.tolist(), "imbalance": imbalance}
+        counts = self.counts.tolist()
+        return {"aux_loss": aux, "z_loss": z, "expert_counts": counts, "imbalance": expert_imbalance(counts)}
