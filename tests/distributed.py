@@ -145,3 +145,13 @@ def mesh_for(par):
     dims = copy.copy(_DIMS[key])
     dims.cfg = par
     return dims
+
+
+def hybrid_context(world: int, ulysses_size: int, counter=None):
+    """The cp axis of `world` ranks split into ring x Ulysses groups of ulysses_size, from the cached
+    ParallelDims (calling context_group directly would create new groups each time: every gloo
+    group keeps a polling thread on every rank for the rest of the session)."""
+    from meshattn import ParallelConfig
+
+    dims = mesh_for(ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size))
+    return dims.axes(None, counter).context

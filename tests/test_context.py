@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import mesh_for
-from meshattn import CommCounter, ParallelConfig, context_attention, context_group, shard_sequence, unshard_sequence
+from distributed import hybrid_context
+from meshattn import CommCounter, context_attention, shard_sequence, unshard_sequence
 from meshattn.comm import Axis
 from meshattn.parallel.balance import causal_work, imbalance
 from meshattn.planner.comm import context_attention_comm
@@ -37,8 +37,7 @@ def _reference(q, k, v, dout, causal):
 
 def _group(impl, world, ulysses_size, counter=None):
     if impl == "hybrid":
-        return context_group(mesh_for(ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)).mesh,
-                             "cp", ulysses_size, counter)
+        return hybrid_context(world, ulysses_size, counter)
     return Axis("cp", dist.group.WORLD, world, dist.get_rank(), counter)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import mesh_for
-from meshattn import ParallelConfig, context_attention, context_group, shard_sequence
+from distributed import hybrid_context
+from meshattn import context_attention, shard_sequence
 from meshattn.bench.live import LiveMemory
 from meshattn.comm import Axis
 from meshattn.planner.buffers import context_attention_memory, context_attention_peak_bytes, context_buffer_bytes
@@ -27,8 +27,7 @@ def _measure(rank, world, configs):
     results = []
     for impl, layout, overlap, ulysses_size, dtype, (B, H, G, D) in configs:
         if impl == "hybrid":
-            par = ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)
-            group = context_group(mesh_for(par).mesh, "cp", ulysses_size)
+            group = hybrid_context(world, ulysses_size)
             axis = group.axis
         else:
             group = axis = Axis("cp", dist.group.WORLD, world, rank)

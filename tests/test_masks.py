@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import mesh_for
+from distributed import hybrid_context
 from meshattn.comm import Axis, CommCounter
-from meshattn.config import ParallelConfig
 from meshattn.model.mask import dense_mask, document_positions, visible_counts
 from meshattn.parallel import chunkmask
 from meshattn.parallel.chunkmask import DIAG, EMPTY, FULL, PARTIAL, ChunkMask
-from meshattn.parallel.context import context_attention, context_group
+from meshattn.parallel.context import context_attention
 from meshattn.parallel.layout import chunk_table, shard_sequence
 from parity import assert_close
 
@@ -89,8 +88,7 @@ def _group(impl, world, ulysses_size, counter=None):
     """(what context_attention takes, the cp axis for sharding)."""
     axis = Axis("cp", dist.group.WORLD, world, dist.get_rank(), counter)
     if impl == "hybrid":
-        cfg = ParallelConfig(cp=world, cp_impl="hybrid", ulysses_size=ulysses_size)
-        return context_group(mesh_for(cfg).mesh, "cp", ulysses_size, counter), axis
+        return hybrid_context(world, ulysses_size, counter), axis
     return axis, axis
 
 

@@ -161,7 +161,7 @@ class ParallelDims:
         if cfg.cp > 1 and cfg.impl.needs_ulysses_size:
             self._context_split = context_group(self.mesh, "cp", cfg.ulysses_size)
         self._kv: dict[int, DeviceMesh] = {}
-        self._experts: DeviceMesh | None = None
+        self._experts: dict[int, DeviceMesh] = {}  # per ep size (the same dims may serve several)
 
     def _kv_mesh(self, n_kv_heads: int) -> DeviceMesh:
         """tp split into (n_kv_heads, tp / n_kv_heads): the ranks sharing one KV head."""
@@ -174,10 +174,11 @@ class ParallelDims:
     def _expert_axes(self, counter: CommCounter | None) -> ExpertAxes:
         """World split into (edp, ep) with ep innermost: an ep group is consecutive ranks."""
         c = self.cfg
-        if self._experts is None:
-            self._experts = _regroup(self.mesh, (c.expert_replicas, c.ep), ("edp", "ep"))
+        if c.ep not in self._experts:
+            self._experts[c.ep] = _regroup(self.mesh, (c.expert_replicas, c.ep), ("edp", "ep"))
+        mesh = self._experts[c.ep]
         world = Axis.from_group(None, "world").with_counter(counter)
-        return ExpertAxes(Axis.of(self._experts, "ep", counter), Axis.of(self._experts, "edp", counter), world)
+        return ExpertAxes(Axis.of(mesh, "ep", counter), Axis.of(mesh, "edp", counter), world)
 
     def axes(self, n_kv_heads: int | None = None, counter: CommCounter | None = None,
              moe: bool = False) -> MeshAxes:
