@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..parallel import ParallelModel, gather_state_dict, load_state_dict
 from .safe_pickle import RefusedPickle, SafeFileSystemReader
 
@@ -256,8 +256,6 @@ def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConf
 
 
 def _check_model(meta: dict, cfg: TrainConfig) -> None:
-    from ..config import ModelConfig
-
     try:  # fields added since the checkpoint was written take their defaults
         saved = dataclasses.asdict(ModelConfig(**meta["config"]["model"]))
     except (TypeError, ValueError):
@@ -273,7 +271,6 @@ def load_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The single-device model's state dict and the meta from a checkpoint, in one process with
     no process group (for inference or export), verified first."""
     directory, meta = open_verified(path)
-    from ..config import ModelConfig
     from ..model import Transformer
 
     with torch.device("meta"):  # shapes only: no initialisation of weights DCP overwrites anyway
