@@ -150,10 +150,14 @@ class ModelConfig:
     norm: str = "layernorm"
     position: str = "rope"
     activation: str = "gelu"
-    bias: bool = False
+    bias: bool = False  # every Linear and LayerNorm has a bias (GPT-2)
+    qkv_bias: bool = False  # the Q/K/V projection alone has a bias (Qwen2)
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama-3 rotary frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None: plain rotary angles.
+    rope_scaling: tuple[float, float, float, int] | None = None
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention: a query sees the last `window` keys
     document_positions: bool = True  # with packed documents, positions restart at each document
@@ -174,6 +178,8 @@ class ModelConfig:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         if self.expert_ffn is None:
             object.__setattr__(self, "expert_ffn", self.d_ff)
+        if self.rope_scaling is not None:  # JSON gives a list back
+            self._check_rope_scaling()
         for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "vocab_size", "max_seq_len", "expert_ffn"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -199,6 +205,18 @@ class ModelConfig:
                 f"rotary positions need an even head_dim, got d_model/n_heads={self.head_dim}; "
                 "change d_model or n_heads, or use position='learned'"
             )
+
+    def _check_rope_scaling(self) -> None:
+        value = self.rope_scaling
+        try:
+            factor, low, high, original = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"rope_scaling={value!r} must be None or (factor, low_freq_factor, high_freq_factor, "
+                              "original_max_position_embeddings), Llama-3's rotary scaling") from None
+        if not (factor >= 1 and 0 < low < high and original >= 1 and original == int(original)):
+            raise ConfigError(f"rope_scaling={value!r} needs factor >= 1, 0 < low_freq_factor < high_freq_factor "
+                              "and an integer original_max_position_embeddings >= 1")
+        object.__setattr__(self, "rope_scaling", (factor, low, high, int(original)))
 
     def _check_moe(self) -> None:
         for name in ("n_experts", "n_shared_experts", "dense_layers"):
@@ -248,7 +266,7 @@ class ModelConfig:
         qkv_rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         n_fc = 2 if self.activation == "swiglu" else 1
         norm = h * (2 if self.norm == "layernorm" and self.bias else 1)
-        attn = (h + b) * qkv_rows + (h + b) * h
+        attn = (h + (b or int(self.qkv_bias))) * qkv_rows + (h + b) * h
         mlp = n_fc * (h + b) * f + (f + b) * h
         emb = v * h + (self.max_seq_len * h if self.position == "learned" else 0)
         head = 0 if self.tie_embeddings else v * h

@@ -29,15 +29,38 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                  scaling: tuple[float, float, float, int] | None = None):
     """cos and sin of the rotary angles for integer positions (S,) or (B, S) -> two (..., D/2) tables.
 
     Angles are computed in float64 and rounded once, so every layout that feeds the same
-    global positions gets bitwise the same tables.
+    global positions gets bitwise the same tables. `scaling`: Llama-3's frequency scaling
+    (ModelConfig.rope_scaling; see scaled_frequencies).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, *scaling)
     angles = positions.to(torch.float64)[..., None] * inv_freq  # (S | B, S, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_context: int) -> torch.Tensor:
+    """Llama 3.1's long-context rotary frequencies: wavelengths shorter than
+    original_context / high_freq_factor keep their frequency, those longer than
+    original_context / low_freq_factor are slowed by `factor`, and the band between blends the
+    two linearly in original_context / wavelength."""
+    wavelength = 2 * torch.pi / inv_freq  # (D/2,)
+    ratio = original_context / wavelength
+    blend = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)  # 0: slowed, 1: kept
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_for(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """The rotary tables of cfg for these positions, or None when positions are learned."""
+    if cfg.position != "rope":
+        return None
+    return rotary_tables(positions, cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,7 +96,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim,
+                             bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask=None) -> torch.Tensor:
@@ -173,9 +197,7 @@ class Transformer(nn.Module):
         return x
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        if self.cfg.position != "rope":
-            return None
-        return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return rope_for(self.cfg, positions, dtype)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None, stats: dict | None = None):

@@ -13,8 +13,9 @@ local parameters (or their gradients) back into a full state dict.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -96,23 +97,55 @@ def check_shards(module: nn.Module, shards: dict[str, Shard]) -> None:
         raise RuntimeError(f"parameters without a Shard description: {sorted(missing)}")
 
 
+class TensorSource(Protocol):
+    """Full reference-named tensors read piece by piece (meshattn.hf.HFSource reads a safetensors
+    folder so; a plain state dict is wrapped by DictSource)."""
+
+    def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """The slice [start, stop) along `dim` of the full tensor `name`."""
+        ...
+
+
+class DictSource:
+    """A full state dict as a TensorSource."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
+
+    def names(self) -> set[str]:
+        return set(self.state.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.state[name].narrow(dim, start, stop - start)
+
+
 @torch.no_grad()
-def load_full_state_dict(module: nn.Module, shards: dict[str, Shard], state: dict[str, torch.Tensor],
-                         axes: dict[str, Axis]) -> None:
-    """Copy this rank's slices of a full (reference-named) state dict into the local parameters;
-    `axes` maps a Shard's axis name to the Axis it is split over (MeshAxes.shard_axes)."""
+def load_full_state_dict(module: nn.Module, shards: dict[str, Shard],
+                         state: Mapping[str, torch.Tensor] | TensorSource, axes: dict[str, Axis]) -> None:
+    """Copy this rank's slices of a full (reference-named) state dict, or of a TensorSource that
+    reads only those slices, into the local parameters; `axes` maps a Shard's axis name to the
+    Axis it is split over (MeshAxes.shard_axes)."""
+    source = DictSource(state) if isinstance(state, Mapping) else state
     wanted = {s.name for s in shards.values()}
-    absent = sorted(wanted - state.keys())
+    absent = sorted(wanted - source.names())
     if absent:
         raise KeyError(f"state dict lacks {len(absent)} parameter(s) the model needs: {absent[:5]}")
     for name, p in module.named_parameters(remove_duplicate=False):
         shard = shards[name]
-        full = state[shard.name]
-        if tuple(full.shape) != shard.full_shape:
-            raise ValueError(f"{shard.name}: state dict has shape {tuple(full.shape)}, "
+        if source.shape(shard.name) != shard.full_shape:
+            raise ValueError(f"{shard.name}: state dict has shape {source.shape(shard.name)}, "
                              f"the model expects {shard.full_shape}")
         axis = axes[shard.axis]
-        p.copy_(shard.take(full, axis.rank, axis.size))
+        width = shard.span // shard.parts
+        start = shard.start + shard.part_of(axis.rank, axis.size) * width
+        p.copy_(source.read(shard.name, shard.dim, start, start + width))
 
 
 @torch.no_grad()

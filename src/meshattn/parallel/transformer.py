@@ -19,7 +19,7 @@ from ..config import ModelConfig, Recompute
 from ..model.norm import rms_norm
 from ..model.mask import document_positions
 from ..mesh import ExpertAxes
-from ..model.transformer import attend_split, mlp_hidden, objective, rotary_tables
+from ..model.transformer import attend_split, mlp_hidden, objective, rope_for
 from .context import batch_mask, local_attention
 from .moe import ParallelMoE
 from .recompute import checkpointed
@@ -48,7 +48,7 @@ class ParallelAttention(ShardedModule):
         rows = (H + 2 * G) * D
         for name, start, stop, parts in (("q", 0, H * D, tp), ("k", H * D, (H + G) * D, min(G, tp)),
                                          ("v", (H + G) * D, rows, min(G, tp))):
-            w, b = linear_shards(f"{prefix}.qkv", rows, h, cfg.bias, 0, parts, start, stop)
+            w, b = linear_shards(f"{prefix}.qkv", rows, h, cfg.bias or cfg.qkv_bias, 0, parts, start, stop)
             self.declare(f"w{name}", w)
             self.declare(f"b{name}", b)
         w, b = linear_shards(f"{prefix}.proj", h, H * D, cfg.bias, 1, tp)
@@ -208,9 +208,7 @@ class ParallelTransformer(nn.Module):
         the batch's expert counts)."""
         positions, mask, table = self.sequence(ids, documents)
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
-        rope = None
-        if self.cfg.position == "rope":
-            rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rope = rope_for(self.cfg, positions, x.dtype)
         active = self.active(documents, table)
         layers: list = []
         for block in self.blocks:
