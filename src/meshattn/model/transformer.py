@@ -100,8 +100,12 @@ class Attention(nn.Module):
                              bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask=None,
+                cache=None) -> torch.Tensor:
+        """cache: this layer's KV cache (inference/cache.py), which stores k and v and attends."""
         core = attention_core if mask is None else functools.partial(attention_core, mask=mask)
+        if cache is not None:
+            core = functools.partial(cache, inner=core)
         return self.proj(attend(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, rope, core))
 
 
@@ -158,8 +162,9 @@ class Block(nn.Module):
         self.mlp = None if moe else MLP(cfg)
         self.moe = MoE(cfg) if moe else None
 
-    def forward(self, x: torch.Tensor, rope, mask=None, active=None, stats: list | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask)
+    def forward(self, x: torch.Tensor, rope, mask=None, active=None, stats: list | None = None,
+                cache=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache)
         h = self.norm2(x)
         return x + (self.mlp(h) if self.moe is None else self.moe(h, active, stats))
 
@@ -200,27 +205,33 @@ class Transformer(nn.Module):
         return rope_for(self.cfg, positions, dtype)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None, stats: dict | None = None):
+                documents: torch.Tensor | None = None, stats: dict | None = None, cache=None):
         """ids (B, S) -> logits (B, S, V), and the loss: the mean next-token loss over targets
         (B, S) that are not -100, plus, for a mixture of experts, aux_loss_coef and z_loss_coef
         times the sum over MoE layers of their load-balancing and z-losses. documents (B, S):
         per-token document ids of packed sequences (negative: padding, which no expert takes);
         attention stays inside a document and, with cfg.document_positions, positions restart at
         each document. cfg.window: sliding-window attention. `stats`, a dict, receives
-        "lm_loss" (the next-token loss alone) and "moe": per MoE layer {"aux", "z", "counts"}."""
+        "lm_loss" (the next-token loss alone) and "moe": per MoE layer {"aux", "z", "counts"}.
+        cache: a KV-cache step (inference/cache.py) giving the tokens' positions (B, S), which are
+        not padding, and each layer's attention over the cached keys."""
         S = ids.shape[1]
         positions = torch.arange(S, device=ids.device)
         if documents is not None and self.cfg.document_positions:
             positions = document_positions(documents)  # (B, S)
+        if cache is not None:
+            positions = cache.positions  # (B, S)
         x = self.embed(ids, positions)
         rope = self.rope(positions, x.dtype)
         mask = None
         if documents is not None or self.cfg.window is not None:
             mask = dense_mask(S, True, self.cfg.window, documents, ids.device)  # the oracle: (B | 1, 1, S, S)
         active = None if documents is None else documents >= 0  # (B, S): padding goes to no expert
+        if cache is not None:  # a prefill attends with the dense window mask; a decode has its own
+            active = cache.active
         layers: list = []
-        for block in self.blocks:
-            x = block(x, rope, mask, active, layers)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, active, layers, None if cache is None else cache.layer(i))
         logits = self.head(self.norm(x))  # (B, S, V)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, objective(self.cfg, loss, layers, stats)

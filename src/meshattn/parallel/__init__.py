@@ -12,16 +12,17 @@ import torch
 import torch.nn as nn
 
 from ..comm import CommCounter
-from ..config import ParallelConfig, Recompute
+from ..config import ModelConfig, ParallelConfig, Recompute
 from ..mesh import MeshAxes, ParallelDims
 from ..model import Transformer
 from .context import SequenceSplit
 from .data import local_batch, no_sync, unwrap, wrap_data_parallel
-from .shard import Shard, check_shards, collect_shards, gather_full, gather_tensors, load_full_state_dict
+from .shard import (Shard, TensorSource, check_shards, collect_shards, gather_full, gather_tensors,
+                    load_full_state_dict)
 from .transformer import ParallelTransformer
 from .vocab import check_token_ids
 
-__all__ = ["parallelize", "ParallelModel", "gather_state_dict", "load_state_dict", "local_batch"]
+__all__ = ["parallelize", "build", "ParallelModel", "gather_state_dict", "load_state_dict", "local_batch"]
 
 
 class ParallelModel(nn.Module):
@@ -111,19 +112,28 @@ def parallelize(model: Transformer, dims: ParallelDims, counter: CommCounter | N
                 recompute: str = "none") -> ParallelModel:
     """Split a reference model (with its weights) over the layout of `dims`. The reference is not
     modified. Validates the layout against the model before creating any group."""
-    cfg = dims.cfg
-    cfg.check_model(model.cfg)
-    recompute = Recompute.parse(recompute, "checkpoint")
-    axes = dims.axes(model.cfg.n_kv_heads, counter, moe=model.cfg.is_moe)
-    split = SequenceSplit(axes.context, cfg.cp_impl, cfg.cp_layout, cfg.overlap) if cfg.cp > 1 else None
     ref = next(model.parameters())
-    local = ParallelTransformer(model.cfg, axes.tp, axes.kv, cfg.sequence_parallel, split, axes.batch, cfg.overlap,
-                                cfg.splits_vocab(model.cfg), recompute, axes.experts, cfg.moe_dispatch)
-    local.to(device=ref.device, dtype=ref.dtype)
+    return build(model.cfg, dims, model.state_dict(), counter, recompute, ref.dtype, ref.device)
+
+
+def build(cfg: ModelConfig, dims: ParallelDims, weights: dict[str, torch.Tensor] | TensorSource,
+          counter: CommCounter | None = None, recompute: str = "none", dtype: torch.dtype = torch.float32,
+          device=None) -> ParallelModel:
+    """The parallel model of `cfg` over the layout of `dims`, each rank copying only its slices
+    from `weights`: a full reference-named state dict, or a TensorSource that reads just those
+    slices (meshattn.hf.HFSource reads a safetensors folder so). Validates the layout against the
+    model before creating any group."""
+    dims.cfg.check_model(cfg)
+    recompute = Recompute.parse(recompute, "checkpoint")
+    axes = dims.axes(cfg.n_kv_heads, counter, moe=cfg.is_moe)
+    split = SequenceSplit(axes.context, dims.cfg.cp_impl, dims.cfg.cp_layout, dims.cfg.overlap) if dims.cfg.cp > 1 else None
+    local = ParallelTransformer(cfg, axes.tp, axes.kv, dims.cfg.sequence_parallel, split, axes.batch, dims.cfg.overlap,
+                                dims.cfg.splits_vocab(cfg), recompute, axes.experts, dims.cfg.moe_dispatch)
+    local.to(device=device, dtype=dtype)
     shards = collect_shards(local)
     check_shards(local, shards)
-    load_full_state_dict(local, shards, model.state_dict(), axes.shard_axes())
-    return ParallelModel(local, cfg, axes, shards, counter, split)
+    load_full_state_dict(local, shards, weights, axes.shard_axes())
+    return ParallelModel(local, dims.cfg, axes, shards, counter, split)
 
 
 def gather_state_dict(model: ParallelModel, grads: bool = False) -> dict[str, torch.Tensor]:

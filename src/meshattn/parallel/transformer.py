@@ -10,6 +10,8 @@ checkpointing is chosen when a block is built (recompute.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,11 +57,15 @@ class ParallelAttention(ShardedModule):
         self.declare("proj_weight", w)
         self.declare("proj_bias", b)
 
-    def forward(self, x: torch.Tensor, rope, mask=None, table=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask=None, table=None, cache=None) -> torch.Tensor:
+        """cache: this layer's KV cache (inference/cache.py): it stores this rank's k and v (its KV
+        heads, its sequence chunks) and attends, through `core` for a prefill."""
         kv = lambda p: None if p is None else copy_to_group(p, self.kv_axis)  # noqa: E731 - replica grads summed
         q, k, v = self.region.column_linears(x, [(self.wq, self.bq), (kv(self.wk), kv(self.bk)),
                                                  (kv(self.wv), kv(self.bv))])  # (B, S, H/tp*D), (B, S, G_local*D) x2
         core = lambda q, k, v: self.core(q, k, v, mask, table)  # noqa: E731 - the batch's mask and chunk table
+        if cache is not None:
+            core = functools.partial(cache, inner=core)
         y = attend_split(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, rope, core)  # (B, S, H/tp*D)
         out = self.region.exit(F.linear(y, self.proj_weight))  # (B, S/tp | S, h)
         return out if self.proj_bias is None else out + self.region.replicated(self.proj_bias)
@@ -122,11 +128,15 @@ class ParallelBlock(nn.Module):
         self.moe = moe
         self.run = checkpointed(self._forward) if recompute is Recompute.BLOCK else self._forward
 
-    def forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None,
+                cache=None) -> torch.Tensor:
+        if cache is not None:  # inference: nothing to recompute
+            return self._forward(x, rope, mask, table, active, stats, cache)
         return self.run(x, rope, mask, table, active, stats)
 
-    def _forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask, table)
+    def _forward(self, x: torch.Tensor, rope, mask=None, table=None, active=None, stats=None,
+                 cache=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, table, cache)
         h = self.norm2(x)
         return x + (self.mlp(h) if self.moe is None else self.moe(h, active, stats))
 
@@ -196,23 +206,28 @@ class ParallelTransformer(nn.Module):
         return self.region.local_seq(live, 1)  # (B, S/cp/tp) under sequence parallelism
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None, stats: dict | None = None):
+                documents: torch.Tensor | None = None, stats: dict | None = None, cache=None):
         """ids (B, S/cp): this rank's chunks -> logits (B, S/cp, V/tp), or (B, S/cp, V) when the
         vocabulary is whole, and the loss (see vocab_parallel_cross_entropy: its average over
         dp x cp is the global mean; for a mixture of experts it adds this rank's share of the
         balance and z-losses, scaled to keep that property for the gradients: see moe.py).
+        cache: a KV-cache step (inference/cache.py) giving this rank's positions, mask, chunk
+        table and tokens that are not padding, and each layer's attention over the cache.
         documents (B, S): the *whole* sequences' document ids of these rows (every cp rank holds
         them; see ParallelModel.shard_batch), from which the batch's chunk table, the mask and
         the positions follow, alike on every rank. `stats` receives "lm_loss" (this rank's
         next-token loss) and "moe" (per MoE layer: this rank's scaled shares of the losses and
         the batch's expert counts)."""
-        positions, mask, table = self.sequence(ids, documents)
+        if cache is None:
+            positions, mask, table = self.sequence(ids, documents)
+            active = self.active(documents, table)
+        else:
+            positions, mask, table, active = cache.positions, cache.mask, cache.table, cache.active
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
         rope = rope_for(self.cfg, positions, x.dtype)
-        active = self.active(documents, table)
         layers: list = []
-        for block in self.blocks:
-            x = block(x, rope, mask, table, active, layers)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, table, active, layers, None if cache is None else cache.layer(i))
         layers = list(layers)  # a block recomputed in backward appends again: keep this forward's
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)
         loss = None
