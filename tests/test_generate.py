@@ -7,8 +7,6 @@ rounding cannot flip a greedy choice; the single-device cached generation for ev
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -119,6 +117,7 @@ def check_layout(rank, world, model="tiny", sampled=False, prompts=None, **layou
 LAYOUTS = {  # name: (world, layout)
     "tp2": (2, dict(tp=2)),
     "tp4-replicated-kv": (4, dict(tp=4)),
+    "tp2-qkv-bias-rope-scaling": (2, dict(tp=2, model="qwen-bias-rope-scaling")),
     "cp2-ring": (2, dict(cp=2, cp_impl="ring")),
     "cp2-allgather-contiguous": (2, dict(cp=2, cp_impl="allgather", cp_layout="contiguous")),
     "cp2-ulysses": (2, dict(cp=2, cp_impl="ulysses")),

@@ -8,6 +8,8 @@ when the model is built.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -96,6 +98,21 @@ class ParallelModel(nn.Module):
         if self.split is None:
             return t
         return self.split.unshard(t, dim, self.table_for(documents, t.shape[dim] * self.split.size))
+
+    def without_sequence_parallel(self) -> ParallelModel:
+        """This model with activations replicated over tp, as generation needs (a decode step has
+        one token per row): itself, or a twin on the same groups whose local parameters are
+        copies of these (sequence parallelism changes where activations live, not the weights)."""
+        if not self.cfg.sequence_parallel:
+            return self
+        local, axes = self.local, self.axes
+        twin = ParallelTransformer(local.cfg, axes.tp, axes.kv, False, self.split, axes.batch, self.cfg.overlap,
+                                   local.vocab_parallel, Recompute.NONE, axes.experts, self.cfg.moe_dispatch)
+        p = next(local.parameters())
+        twin.to(device=p.device, dtype=p.dtype)
+        twin.load_state_dict(local.state_dict())
+        cfg = dataclasses.replace(self.cfg, sequence_parallel=False)
+        return ParallelModel(twin, cfg, axes, collect_shards(twin), None, self.split)
 
     def named_shards(self):
         """(local name, parameter, Shard) of every local parameter, tied ones under each name."""
