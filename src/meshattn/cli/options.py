@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from .. import hf
 from ..config import (CpImpl, CpLayout, DType, ModelConfig, MoeDispatch, OnNonfinite, ParallelConfig, PRESETS,
                       Recompute, TrainConfig, VocabParallel, preset)
 
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _profile_parser(sub)
     _plan_parser(sub)
+    from .generate import generate_parser  # the command's own module holds its flags
+
+    generate_parser(sub)
     return parser
 
 
@@ -27,7 +31,13 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a small causal LM on the chosen dp x tp layout",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (ignored with --init-from)")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="fine-tune a Hugging Face model folder (Llama, Mistral, Qwen2, Mixtral: config.json, "
+                        "safetensors, tokenizer.json): the model is the folder's, not --preset's, each rank reads "
+                        "only its slices of the weights, the text is tokenised with the folder's tokenizer, and the "
+                        "final checkpoint is also written as a Hugging Face folder OUT/hf. With --resume the "
+                        "weights come from the checkpoint")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks per replica")
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (the sequence split across them)")
@@ -219,7 +229,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
                               cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size,
                               vocab_parallel=a.vocab_parallel, ep=a.ep, moe_dispatch=a.moe_dispatch)
-    model = preset(a.preset)
+    model = preset(a.preset) if a.init_from is None else hf.read_config(a.init_from)
     if a.window is not None:
         model = dataclasses.replace(model, window=a.window)
     if a.capacity_factor is not None:
@@ -228,7 +238,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        lr=a.lr, min_lr=a.lr / 10, seed=a.seed, dtype=a.dtype, checkpoint=a.checkpoint,
                        nonfinite=a.on_nonfinite, save_every=a.save_every, resume=a.resume,
-                       data=a.data, pack_documents=a.pack_documents, out=a.out,
+                       init_from=a.init_from, data=a.data, pack_documents=a.pack_documents, out=a.out,
                        sample_tokens=a.sample_tokens)
 
 
