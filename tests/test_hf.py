@@ -396,3 +396,22 @@ def test_greedy_generation_matches_transformers(saved):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
                           pad_token_id=eos)
         assert tokens == out[0, len(prompt):].tolist()
+
+
+def test_batched_greedy_generation_matches_transformers_batch(saved):
+    """One batch of prompts of different lengths: transformers left-pads with an attention mask,
+    meshattn right-pads with per-row cache lengths; float64 on both sides, so no near-tie of the
+    random model can flip a choice."""
+    from meshattn.inference import generate
+
+    folder, hf = saved["llama"]
+    ref = copy.deepcopy(hf).to(torch.float64)
+    ours = mh.load(folder, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (2, 9, 5, 14)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = ref.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    assert generate(ours, prompts, 8) == out[:, width:].tolist()
