@@ -140,3 +140,31 @@ def test_layout_generates_the_single_device_tokens(pools, name):
     world, layout = LAYOUTS[name]
     out = pools.run(world, check_layout, **layout)
     assert len(set(out)) == 1 and out[0] > 0
+
+
+# -- weights straight into the layout ------------------------------------------------------------------
+
+def read_slices(rank, world, folder, tp):
+    from meshattn import hf
+    from meshattn.parallel import build, gather_state_dict
+
+    source = hf.HFSource(folder)
+    pm = build(hf.read_config(folder), mesh_for(ParallelConfig(tp=tp)), source)
+    local = sum(p.numel() * 4 for p in pm.local.parameters())  # float32 file
+    full = hf.load(folder).state_dict()
+    got = gather_state_dict(pm)
+    for name, t in full.items():
+        assert torch.equal(got[name], t), name
+    return source.bytes_read, local
+
+
+def test_a_tp_rank_reads_only_its_slices_of_the_safetensors(pools, tmp_path):
+    """At tp = 4 each rank reads exactly the bytes of its own parameters (replicated norms and
+    the replicated KV head included), and the gathered weights equal the folder's."""
+    from meshattn import hf
+
+    torch.manual_seed(0)
+    hf.save(Transformer(preset("tiny", vocab_size=512, n_kv_heads=2)), tmp_path)
+    total = sum(t.numel() * 4 for t in hf.load(tmp_path).state_dict().values())
+    for read, local in pools.run(4, read_slices, folder=str(tmp_path), tp=4):
+        assert read == local < total / 2
