@@ -59,16 +59,18 @@ class KVCache:
         self.used += n
         return slots
 
-    def prefill(self, positions: torch.Tensor, valid: torch.Tensor, mask=None, table=None) -> Step:
+    def prefill(self, positions: torch.Tensor, valid: torch.Tensor, mask=None, table=None,
+                keep: torch.Tensor | None = None) -> Step:
         """The step of a fresh cache: positions (S,) or (B, S) of this rank's tokens, valid (B, S)
         False on padding; `mask` and `table` are what the model's own attention needs (a
-        sliding-window mask, a cp chunk table)."""
+        sliding-window mask, a cp chunk table); keep (B,): the one token per row whose logits
+        are wanted (its index here, -1: on another rank), so the LM head runs on B tokens, not B x S."""
         if self.used:
             raise ValueError("prefill needs an empty cache; continue a filled one with decode()")
         B, S = valid.shape
         slots = self._claim(S)
         self.pos[:, slots] = torch.where(valid, positions.expand(B, S), -1)
-        return Step(self, positions, None if bool(valid.all()) else valid, mask, table, slots, None)
+        return Step(self, positions, None if bool(valid.all()) else valid, mask, table, slots, None, keep)
 
     def decode(self, positions: torch.Tensor, store: bool = True) -> Step:
         """The step of new tokens at positions (B, S) after what is cached; `store`: whether this
@@ -96,9 +98,18 @@ class Step:
     table: list | None
     slots: slice | None  # where this step's K and V go on this rank (None: kept elsewhere)
     allowed: torch.Tensor | None  # decode: (B, 1, S, n) which cached slots each query sees
+    keep: torch.Tensor | None = None  # (B,): the token of each row the LM head needs (-1: none here)
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden states (B, S, h) the LM head needs: (B, 1, h) at `keep` (a row whose token
+        is on another rank gets its first token's, which the engine discards), or all of them."""
+        if self.keep is None:
+            return x
+        index = self.keep.clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1])  # (B, 1, h)
+        return x.gather(1, index)
 
 
 @dataclass

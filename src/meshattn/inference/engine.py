@@ -78,18 +78,19 @@ class Engine:
         if not self.parallel:
             mask = None if self.cfg.window is None else dense_mask(S, True, self.cfg.window, None, device)
             self.cache = self._new_cache(B, S + max_new_tokens, self.cfg.n_kv_heads)
-            step = self.cache.prefill(torch.arange(S, device=device), valid, mask)
-            logits = self.module(ids, cache=step)[0]  # (B, S, V)
-            return self._last(logits, torch.arange(S, device=device))
+            positions = torch.arange(S, device=device)
+            step = self.cache.prefill(positions, valid, mask, keep=self._keep(positions))
+            logits = self.module(ids, cache=step)[0]  # (B, 1, V)
+            return self._last(logits, step.keep)
         table = self.model.table_for(None, S)
         if self.split is not None:
             ids, valid = self.split.shard(ids, 1, table), self.split.shard(valid, 1, table)  # (B, S/cp)
         positions, mask, table = self.module.sequence(ids, None)
         per_rank = math.ceil(max_new_tokens / (1 if self.cp is None else self.cp.size))
         self.cache = self._new_cache(B, ids.shape[1] + per_rank, self.module.blocks[0].attn.n_kv_heads)
-        step = self.cache.prefill(positions, valid, mask, table)
-        logits = self.module(ids, cache=step)[0]  # (B, S/cp, V/tp | V)
-        return self._last(logits, positions)
+        step = self.cache.prefill(positions, valid, mask, table, keep=self._keep(positions))
+        logits = self.module(ids, cache=step)[0]  # (B, 1, V/tp | V)
+        return self._last(logits, step.keep)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -109,11 +110,16 @@ class Engine:
         return KVCache(self.cfg.n_layers, batch, kv_heads, self.cfg.head_dim, capacity, p.dtype, p.device,
                        self.cfg.window, self.cp)
 
-    def _last(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Each row's logits at its last prompt position, from (B, S', V') at positions (S',)."""
-        rows, cols = (positions[None, :] == (self.lengths - 1)[:, None]).nonzero(as_tuple=True)  # one per row, or none here
-        last = logits.new_zeros((logits.shape[0], logits.shape[2]), dtype=_float(logits))  # (B, V'): zero
-        last[rows] = logits[rows, cols].to(last.dtype)  # where this cp rank lacks the row's last position
+    def _keep(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B,) index among this rank's positions (S',) of each row's last prompt token; -1 where
+        another cp rank holds it."""
+        hit = positions[None, :] == (self.lengths - 1)[:, None]  # (B, S'): at most one per row
+        return torch.where(hit.any(1), hit.int().argmax(1), -1)
+
+    def _last(self, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The rows' next-token logits (B, V) from the head's (B, 1, V') at `keep`: each row's
+        from the cp rank holding its last prompt token, by one sum over cp of zeros elsewhere."""
+        last = torch.where((keep >= 0)[:, None], logits[:, 0].to(_float(logits)), 0.0)  # (B, V')
         if self.cp is not None and self.cp.size > 1:
             all_reduce_(last, self.cp, "fwd")  # one rank holds each row's position: the sum is that row
         return self._gather_vocab(last)

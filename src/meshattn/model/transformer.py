@@ -232,6 +232,8 @@ class Transformer(nn.Module):
         layers: list = []
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, active, layers, None if cache is None else cache.layer(i))
+        if cache is not None:
+            x = cache.select(x)  # a prefill needs each row's last prompt token only: (B, 1, h)
         logits = self.head(self.norm(x))  # (B, S, V)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, objective(self.cfg, loss, layers, stats)

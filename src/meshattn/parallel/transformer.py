@@ -229,6 +229,8 @@ class ParallelTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, table, active, layers, None if cache is None else cache.layer(i))
         layers = list(layers)  # a block recomputed in backward appends again: keep this forward's
+        if cache is not None:
+            x = cache.select(x)  # a prefill needs each row's last prompt token only: (B, 1, h)
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)
         loss = None
         if targets is not None:
