@@ -59,6 +59,17 @@ def _garbled_checkpoint(directory: Path) -> Path:
     return directory
 
 
+def _hf_config(directory: Path, architecture: str) -> Path:
+    """A Hugging Face folder holding only a tiny config.json (max_position_embeddings 64)."""
+    directory.mkdir()
+    config = {"architectures": [architecture], "model_type": architecture[:-len("ForCausalLM")].lower(),
+              "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+              "hidden_act": "silu", "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     """Every file and folder the cases name, made once."""
@@ -72,13 +83,16 @@ def paths(tmp_path_factory):
     _garbled_checkpoint(tmp / "garbled")
     _fake_checkpoint(tmp / "small-ckpt" / "step-00000003", "small", step=3)
     (tmp / "small-ckpt" / "latest").write_text("step-00000003")
+    _hf_config(tmp / "llama", "LlamaForCausalLM")  # config.json only: no weights, no tokenizer
+    _hf_config(tmp / "gemma", "GemmaForCausalLM")
     locked = tmp / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     yield {"tmp": str(tmp), "text": str(tmp / "text.txt"), "empty": str(tmp / "empty"),
            "short": str(tmp / "short.txt"), "binary": str(tmp / "binary.bin"), "afile": str(tmp / "afile"),
            "no_manifest": str(tmp / "no-manifest"), "garbled": str(tmp / "garbled"),
-           "other_model": str(tmp / "small-ckpt"), "locked": str(locked),
+           "other_model": str(tmp / "small-ckpt"), "locked": str(locked), "llama": str(tmp / "llama"),
+           "gemma": str(tmp / "gemma"),
            "locked_writable": os.access(locked, os.W_OK)}  # as root, chmod does not stop writing
     locked.chmod(0o700)
 
@@ -169,6 +183,20 @@ CASES = [
      "holds another model: d_ff (1024 saved vs 512 now), d_model (256 saved vs 128 now)"),
     (["train", *TEXT, "--preset", "small", "--steps", "3", "--resume", "{other_model}"],
      "is at step 3, so --steps 3 leaves nothing to train; ask for more --steps than 3"),
+    # train: the Hugging Face folder to fine-tune (--init-from)
+    (["train", "--init-from", "{tmp}/nope"], "no such folder; give a Hugging Face model folder (config.json"),
+    (["train", "--init-from", "{afile}"], "is a file, not a folder; give a Hugging Face model folder"),
+    (["train", "--init-from", "{empty}"], "has no config.json, so it is not a Hugging Face model folder; give"),
+    (["train", "--init-from", "{gemma}"], "GemmaForCausalLM"),
+    (["train", "--init-from", "{llama}"],
+     "--seq-len 256 exceeds the max_position_embeddings=64 of --init-from"),
+    (["train", "--init-from", "{llama}", "--seq-len", "32", "--tp", "3"], "n_heads=4 is not divisible by tp=3"),
+    (["train", "--init-from", "{llama}", "--seq-len", "32", "--ep", "2"],
+     "is a dense model; leave out --ep"),
+    (["train", "--init-from", "{llama}", "--seq-len", "32", "--pack-documents"],
+     "--pack-documents packs byte-level files, but --init-from tokenises the text"),
+    (["train", "--init-from", "{llama}", "--seq-len", "32"],
+     "has neither model.safetensors nor model.safetensors.index.json"),
     # train: numbers
     (["train", "--lr", "nan"], "--lr nan is not a usable learning rate; give a finite number > 0, e.g. --lr 3e-3"),
     (["train", "--lr", "-1"], "--lr -1.0 is not a usable learning rate; give a finite number > 0"),

@@ -524,6 +524,9 @@ class TrainConfig:
     nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the step
     save_every: int = 0  # write a checkpoint every N steps (0: only at the end)
     resume: str | None = None  # a checkpoint (or a folder with a `latest`) to continue from
+    # A Hugging Face model folder to fine-tune: its weights start the run (unless resuming), its
+    # tokenizer tokenises the text, and the final checkpoint is exported back to OUT/hf.
+    init_from: str | None = None
     data: str | None = None
     pack_documents: bool = False  # the corpus's files as packed documents: masked, positions restarted
     out: str = "runs/default"
@@ -538,7 +541,7 @@ class TrainConfig:
                 f"seq_len={self.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}; "
                 f"lower --seq-len or raise max_seq_len"
             )
-        if self.model.vocab_size < 256:
+        if self.init_from is None and self.model.vocab_size < 256:  # a folder's tokenizer brings its own ids
             raise ConfigError(f"vocab_size={self.model.vocab_size} cannot hold the byte-level tokens (0..255) of the "
                               "training text; use vocab_size >= 256")
         for name, option in (("checkpoint", Recompute), ("dtype", DType), ("nonfinite", OnNonfinite)):
@@ -554,6 +557,9 @@ class TrainConfig:
         for name in ("warmup", "save_every", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.init_from is not None and self.pack_documents:
+            raise ConfigError("pack_documents packs byte-level files, but init_from tokenises the text with the "
+                              "folder's tokenizer; leave out pack_documents (--pack-documents) to fine-tune")
         self.parallel.check_model(self.model)
         self.parallel.check_batch(self.batch_size, self.seq_len, self.grad_accum)
 

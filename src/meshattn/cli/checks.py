@@ -21,27 +21,33 @@ import tempfile
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError, ModelConfig, TrainConfig, divisors, preset
-from ..training.checkpoint import CheckpointError, open_verified
+from ..hf import HFSource, is_hf_folder, load_tokenizer, read_config
+from ..training.checkpoint import META, CheckpointError, open_verified, resolve
 from ..training.corpus import MAX_BYTES, Corpus, looks_binary
+from ..training.tokenized import TokenizedCorpus
 from .options import bench_model, config_from_args
 
 
 # -- one function per command
 
 def check_train(a: argparse.Namespace) -> TrainConfig:
-    """Everything `meshattn train` can refuse before it launches: the flags, the configuration
-    (TrainConfig's own checks), the text, the checkpoint to resume and the output folder.
-    Returns the run's configuration."""
+    """Everything `meshattn train` can refuse before it launches: the flags, the Hugging Face
+    folder to fine-tune, the configuration (TrainConfig's own checks, on the preset's model or
+    the folder's), the text (tokenised as the workers will), the checkpoint to resume and the
+    output folder. Returns the run's configuration."""
     check_timeout(a.timeout)
     check_at_least(a, 1, "steps", "batch_size", "seq_len", "grad_accum", "dp", "tp", "cp", "ep")
     check_at_least(a, 0, "save_every", "sample_tokens")
     check_lr(a.lr)
     check_ulysses_flag(a)
-    check_ep_flag(a)
-    cfg = config_from_args(a)
-    check_data(a.data, cfg.seq_len, MAX_BYTES)
+    check_ep_flag(a, preset(a.preset) if a.init_from is None else check_init_from(a))
+    cfg = config_from_args(a)  # the layout checked against the preset's model or the folder's
+    tokenizer = None if a.init_from is None else check_init_files(a.init_from, cfg.model)
+    check_data(a.data, cfg.seq_len, MAX_BYTES, tokenizer)
     if a.resume is not None:
         check_resume(a.resume, cfg)
+    if a.init_from is not None:
+        check_export(Path(a.out) / "hf")
     check_out(a.out)  # last: nothing is created for a run refused for another reason
     return cfg
 
@@ -121,10 +127,14 @@ def check_ulysses_flag(a: argparse.Namespace) -> None:
                           f"give --ulysses-size among {', '.join(map(str, divisors(a.cp)))}")
 
 
-def check_ep_flag(a: argparse.Namespace) -> None:
-    """--ep borrows the dp*cp*tp ranks: say how to get enough of them, and refuse it for a dense model."""
+def check_ep_flag(a: argparse.Namespace, model: ModelConfig) -> None:
+    """--ep borrows the dp*cp*tp ranks: say how to get enough of them, and refuse it for a dense
+    model (the preset's, or the --init-from folder's)."""
     world = a.dp * a.cp * a.tp
-    if a.ep > 1 and preset(a.preset).n_experts == 0:
+    if a.ep > 1 and model.n_experts == 0:
+        if a.init_from is not None:
+            raise ConfigError(f"--ep {a.ep} splits experts, but --init-from {a.init_from} is a dense model; leave out "
+                              "--ep (or fine-tune a mixture of experts such as a Mixtral)")
         moe = ", ".join(n for n, m in PRESETS.items() if m.n_experts)
         raise ConfigError(f"--ep {a.ep} splits experts, but --preset {a.preset} is a dense model; choose an MoE "
                           f"preset ({moe}) or leave out --ep")
@@ -154,14 +164,18 @@ def check_timeout(timeout: float) -> None:
 
 # -- paths
 
-def check_data(data: str | None, seq_len: int, max_bytes: int) -> None:
-    """Load the text as the workers will (the same files, the same split) and refuse it unless
-    both splits are longer than seq_len+1. A file that looks binary is only warned about: it
-    trains, as bytes, if it is long enough."""
+def check_data(data: str | None, seq_len: int, max_bytes: int, tokenizer=None) -> None:
+    """Load the text as the workers will (the same files, the same split; tokenised by
+    `tokenizer` when given, as far as needed to tell) and refuse it unless both splits are
+    longer than seq_len+1 tokens. A file that looks binary is only warned about: it trains, as
+    bytes, if it is long enough."""
     if data is not None and Path(data).is_file() and _binary(data):
         warn(f"--data {data} looks like a binary file, not text; it is read as bytes all the same")
     try:
-        Corpus.from_path(data, max_bytes=max_bytes).check(seq_len)
+        if tokenizer is None:
+            Corpus.from_path(data, max_bytes=max_bytes).check(seq_len)
+        else:
+            TokenizedCorpus.from_path(data, tokenizer, max_bytes=max_bytes).check(seq_len)
     except OSError as e:
         if e.filename is None:  # corpus.py's own message
             raise ConfigError(str(e)) from None
@@ -180,6 +194,56 @@ def _binary(path: str) -> bool:
         return False  # unreadable: check_data's loading says so
 
 
+def check_init_from(a: argparse.Namespace) -> ModelConfig:
+    """The Hugging Face folder to fine-tune, its config.json: a model meshattn represents
+    exactly, with --seq-len within its max_position_embeddings and no flag it cannot honour.
+    Returns the model. (Its weights and tokenizer: check_init_files, once the layout is checked.)"""
+    folder = a.init_from
+    what = ("give a Hugging Face model folder (config.json, model.safetensors, tokenizer.json, as save_pretrained "
+            "writes)")
+    path = Path(folder)
+    if not path.exists():
+        raise ConfigError(f"--init-from {folder}: no such folder; {what}")
+    if not path.is_dir():
+        raise ConfigError(f"--init-from {folder} is a file, not a folder; {what}")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"--init-from {folder} has no config.json, so it is not a Hugging Face model folder; {what}")
+    try:
+        if not is_hf_folder(path):
+            raise ConfigError("config.json names neither architectures nor model_type; " + what)
+        model = read_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"--init-from {folder}: {e}") from None
+    if a.seq_len > model.max_seq_len:
+        raise ConfigError(f"--seq-len {a.seq_len} exceeds the max_position_embeddings={model.max_seq_len} of "
+                          f"--init-from {folder}; give --seq-len {model.max_seq_len} or less")
+    if a.pack_documents:
+        raise ConfigError("--pack-documents packs byte-level files, but --init-from tokenises the text with the "
+                          "folder's tokenizer; leave out --pack-documents to fine-tune")
+    return model
+
+
+def check_init_files(folder: str, model: ModelConfig):
+    """The folder's weights (every safetensors header read and checked against config.json, as
+    HFSource does in each worker; no weights read) and its tokenizer, whose ids must fit the
+    model's vocabulary. Returns the tokenizer."""
+    HFSource(folder, model).close()
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"--init-from {folder}: tokenizer.json has {tokenizer.vocab_size} ids but the model's "
+                          f"vocab_size is {model.vocab_size}; the tokenizer is not this model's, restore it from the "
+                          "model's source")
+    return tokenizer
+
+
+def check_export(folder: Path) -> None:
+    """OUT/hf, where a fine-tune exports, must not hold a sharded model: readers would prefer its
+    index to the single file written there."""
+    if (folder / "model.safetensors.index.json").exists():
+        raise ConfigError(f"{folder} holds a sharded Hugging Face model (model.safetensors.index.json), where this "
+                          "fine-tune exports; remove it or choose another --out")
+
+
 def check_resume(resume: str, cfg: TrainConfig) -> None:
     """Resolve and verify the checkpoint as rank 0 will (every file against its manifest, DCP's
     metadata through the restricted unpickler), and refuse one of another model or one that
@@ -191,13 +255,22 @@ def check_resume(resume: str, cfg: TrainConfig) -> None:
         directory, meta = open_verified(Path(resume), cfg)
         step = meta["step"]
     except ConfigError as e:  # the model check names the fields that differ
-        raise ConfigError(f"--resume {resume}: {e}; train with the --preset it was saved with, or leave out "
-                          "--resume to start afresh") from None
+        raise ConfigError(f"--resume {resume}: {e}; {_origin_fix(resume)}, or leave out --resume to start "
+                          "afresh") from None
     except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--resume {resume}: {_one_line(e)}; {what}") from None
     if step >= cfg.steps:
         raise ConfigError(f"--resume {resume}: the checkpoint ({directory.name}) is at step {step}, so --steps "
                           f"{cfg.steps} leaves nothing to train; ask for more --steps than {step} to continue")
+
+
+def _origin_fix(resume: str) -> str:
+    """How to name the model a checkpoint was trained with: its --init-from folder, if it was a fine-tune."""
+    try:
+        saved = json.loads((resolve(Path(resume)) / META).read_text())["config"].get("init_from")
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        saved = None
+    return f"fine-tune with --init-from {saved} as it was" if saved else "train with the --preset it was saved with"
 
 
 def check_out(out: str) -> None:

@@ -24,7 +24,8 @@ from .options import layout_name
 def train_command(a: argparse.Namespace) -> int:
     cfg = check_train(a)
     if first_process():
-        print(f"meshattn train: preset={a.preset} ({cfg.model.num_params() / 1e6:.2f}M params), "
+        model = f"init-from={cfg.init_from}" if cfg.init_from is not None else f"preset={a.preset}"
+        print(f"meshattn train: {model} ({cfg.model.num_params() / 1e6:.2f}M params), "
               f"{layout_name(cfg.parallel)}, "
               f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", flush=True)
     try:

@@ -1,2 +1,3 @@
 """Training on every rank: the loop, the step and its health checks, generation, checkpoints,
-the bundled corpus and fp16 loss scaling."""
+the bundled corpus (byte-level, or tokenised by a Hugging Face tokenizer for --init-from) and fp16
+loss scaling."""

@@ -2,7 +2,8 @@
 
 Default data is real text every machine with Python has: the standard library's own source
 files, read at run time in a fixed order and tokenised as bytes (vocabulary 256). `--data PATH`
-takes any text file or folder instead.
+takes any text file or folder instead. A fine-tune (--init-from) tokenises this same stream with
+its folder's tokenizer, row by row (tokenized.py).
 
 Batches are drawn from a generator seeded by (seed, step), so the *global* batch at each step
 is the same whatever the layout; each dp replica then takes its rows. That is what makes a
@@ -101,10 +102,16 @@ class Corpus:
         """Global batch for `step`: ids and next-token targets, each (batch_size, seq_len) int64."""
         self.check(seq_len)
         data = self.train if split == "train" else self.val
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 2 + (split != "train"))
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
+        starts = window_starts(len(data), batch_size, seq_len, seed, step, split)
         rows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()  # (B, S+1)
         return rows[:, :-1], rows[:, 1:]
+
+
+def window_starts(n_bytes: int, batch_size: int, seq_len: int, seed: int, step: int, split: str) -> torch.Tensor:
+    """Where the batch_size windows of `step` start in a split of n_bytes: (batch_size,) int64
+    drawn from a generator seeded by (seed, step, split) alone, so every layout draws the same."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 2 + (split != "train"))
+    return torch.randint(0, max(n_bytes - seq_len - 1, 1), (batch_size,), generator=gen)
 
 
 def encode(text: str) -> torch.Tensor:

@@ -15,14 +15,16 @@ from .corpus import decode, encode
 
 @torch.no_grad()
 def generate(model: ParallelModel, prompt: str, n_tokens: int, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0) -> str:
-    """Sample up to n_tokens (fewer if the prompt and they would pass max_seq_len) after `prompt`,
-    byte-level; temperature <= 0 is greedy."""
-    ids = encode(prompt).tolist()
+             seed: int = 0, tokenizer=None) -> str:
+    """Sample up to n_tokens (fewer if the prompt and they would pass max_seq_len, or at the
+    tokenizer's end-of-sequence id) after `prompt`; temperature <= 0 is greedy. The text is
+    byte-level unless `tokenizer` (encode(text) -> ids, decode(ids), eos_token_ids) is given."""
+    ids = encode(prompt).tolist() if tokenizer is None else list(tokenizer.encode(prompt))
     n = min(n_tokens, model.local.cfg.max_seq_len - len(ids))
     if n < 1:
         return ""
     sampling = Sampling(greedy=True) if temperature <= 0 else Sampling(False, temperature, top_k, 1.0, seed)
-    tokens = run(model.without_sequence_parallel(), [ids], n, sampling).tokens[0]
+    eos = () if tokenizer is None else tuple(tokenizer.eos_token_ids)
+    tokens = run(model.without_sequence_parallel(), [ids], n, sampling, eos_token_ids=eos).tokens[0]
     model.local.train()
-    return decode(tokens)
+    return decode(tokens) if tokenizer is None else tokenizer.decode(tokens)

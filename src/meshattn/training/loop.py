@@ -1,5 +1,6 @@
 """The training loop on every rank: resume, steps with a progress bar, periodic checkpoints,
-validation, a generated sample and the final checkpoint and metrics (rank 0 writes).
+validation, a generated sample and the final checkpoint and metrics (rank 0 writes); a
+fine-tune (--init-from) also exports the final weights as a Hugging Face folder, OUT/hf.
 
 Stopping on request (preempt.py): after each step the ranks agree whether any of them caught a
 SIGTERM or SIGINT; if so all of them stop after that step, write a checkpoint as --save-every
@@ -18,16 +19,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import hf
 from ..comm import all_reduce_
 from ..config import ConfigError, TrainConfig
 from ..outcome import Stopped, signal_name
 from ..mesh import ParallelDims
-from ..parallel import ParallelModel
+from ..parallel import ParallelModel, gather_state_dict
 from . import checkpoint
 from .corpus import Corpus
 from .generate import generate
 from .preempt import StopSignals, agreed_stop
 from .scaler import LossScaler
+from .tokenized import TokenizedCorpus
 from .step import (NonFiniteError, autocast, build_model, global_batch, load_corpus, local_batch, make_optimizer,
                    train_step)
 
@@ -63,6 +66,7 @@ class TrainResult:
     val_loss: float | None = None
     sample: str = ""
     checkpoint: str | None = None
+    hf: str | None = None  # the Hugging Face folder a fine-tune exports (--init-from)
     tokens: int = 0
     moe: list[dict] = field(default_factory=list)  # per step: aux_loss, z_loss, imbalance, expert_counts
 
@@ -185,12 +189,25 @@ def train(cfg: TrainConfig, dims: ParallelDims, progress: bool = True, prompt: s
             bar.close()
     result.val_loss = evaluate(model, corpus, cfg)
     if cfg.sample_tokens > 0:
-        result.sample = generate(model, prompt, cfg.sample_tokens, seed=cfg.seed)
+        tokenizer = corpus.tokenizer if isinstance(corpus, TokenizedCorpus) else None
+        result.sample = generate(model, prompt, cfg.sample_tokens, seed=cfg.seed, tokenizer=tokenizer)
     path = save(cfg.steps)
+    folder = export_hf(model, cfg, out / "hf") if cfg.init_from is not None else None
     if rank0:
         result.checkpoint = str(path)
-        _write_metrics(out, start, result, cfg)
+        result.hf = None if folder is None else str(folder)
+        _write_metrics(out, start, result, cfg, **({"hf": result.hf} if folder is not None else {}))
     return result
+
+
+def export_hf(model: ParallelModel, cfg: TrainConfig, folder: Path) -> Path:
+    """The model as a Hugging Face folder with the tokenizer of cfg.init_from: every rank joins
+    the gather of the full weights, rank 0 writes, and every rank waits for it."""
+    state = gather_state_dict(model)  # collective: the full reference-named tensors on every rank
+    if dist.get_rank() == 0:
+        hf.save(cfg.model, folder, state_dict=state, tokenizer_from=cfg.init_from)
+    dist.barrier()
+    return folder
 
 
 def _stop(signum: int, step: int, path: Path, out: Path, start: int, result: TrainResult, cfg: TrainConfig) -> None:

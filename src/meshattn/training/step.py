@@ -17,13 +17,15 @@ import torch.distributed as dist
 
 from ..comm import CommCounter, all_reduce_
 from ..config import DType, TrainConfig
+from ..hf import HFSource, load_tokenizer
 from ..mesh import ParallelDims, current_device
 from ..model import Transformer
 from ..model.moe import expert_imbalance
-from ..parallel import ParallelModel, parallelize
+from ..parallel import ParallelModel, build, parallelize
 from .corpus import Corpus
 from .packing import PackedCorpus
 from .scaler import LossScaler
+from .tokenized import TokenizedCorpus
 
 # Parameter dtype per --dtype; bfloat16 keeps fp32 weights (and optimizer state) and runs the
 # forward under autocast, with softmax statistics, merges and the loss in fp32.
@@ -37,7 +39,12 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def build_model(cfg: TrainConfig, dims: ParallelDims, counter: CommCounter | None = None) -> ParallelModel:
-    """Every rank builds the same seeded reference model and keeps its own slices of it."""
+    """Every rank builds the same seeded reference model and keeps its own slices of it; with
+    init_from, every rank reads just its slices of the Hugging Face folder's weights instead."""
+    if cfg.init_from is not None:
+        with HFSource(cfg.init_from, cfg.model) as source:
+            return build(cfg.model, dims, source, counter, cfg.checkpoint, dtype=DTYPES[cfg.dtype],
+                         device=current_device())
     torch.manual_seed(cfg.seed)
     ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
     return parallelize(ref, dims, counter, cfg.checkpoint)
@@ -113,7 +120,7 @@ def locate_nonfinite(model: ParallelModel, loss_finite: bool) -> str:
             f"{sorted(grads)}; the loss was finite on every rank")
 
 
-def global_batch(corpus: Corpus | PackedCorpus, step: int, cfg: TrainConfig, split: str = "train"):
+def global_batch(corpus: Corpus | PackedCorpus | TokenizedCorpus, step: int, cfg: TrainConfig, split: str = "train"):
     """The global batch of `step`: ids, targets (B, S), and the document ids (B, S) of packed
     data (None for the plain corpus)."""
     batch = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, split)
@@ -127,9 +134,13 @@ def local_batch(model: ParallelModel, ids, targets, documents, device):
     return tuple(t.to(device) for t in model.shard_batch(ids, targets, documents=documents))
 
 
-def load_corpus(cfg: TrainConfig) -> Corpus | PackedCorpus:
-    """The training text: a byte stream, or its files as packed documents (--pack-documents)."""
-    corpus = (PackedCorpus if cfg.pack_documents else Corpus).from_path(cfg.data)
+def load_corpus(cfg: TrainConfig) -> Corpus | PackedCorpus | TokenizedCorpus:
+    """The training text: a byte stream, its files as packed documents (--pack-documents), or
+    with init_from the stream tokenised by the folder's tokenizer."""
+    if cfg.init_from is not None:
+        corpus = TokenizedCorpus.from_path(cfg.data, load_tokenizer(cfg.init_from))
+    else:
+        corpus = (PackedCorpus if cfg.pack_documents else Corpus).from_path(cfg.data)
     corpus.check(cfg.seq_len)
     return corpus
 

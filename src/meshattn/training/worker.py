@@ -30,3 +30,5 @@ def _report(result: TrainResult) -> None:
     if result.sample:
         print("sample:\n" + "-" * 60 + f"\ndef {result.sample}\n" + "-" * 60, flush=True)
     print(f"checkpoint: {result.checkpoint}", flush=True)
+    if result.hf is not None:
+        print(f"hugging face folder: {result.hf} (transformers' from_pretrained loads it)", flush=True)
