@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from meshattn.cli import main
-from meshattn.config import preset
+from meshattn.config import ModelConfig, preset
 from meshattn.inference import generate
 from meshattn.model import Transformer
 
@@ -104,3 +104,26 @@ def test_bad_input_is_one_line_before_any_worker(folder, tmp_path, capsys, name)
     assert main(["generate", *make(folder, tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("meshattn: error: ") and "\n" not in err and expected in err, err
+
+
+def test_generate_from_a_meshattn_run(tmp_path):
+    """A run's --out folder is a --model too: byte-level, the reference's greedy tokens."""
+    from pathlib import Path
+
+    from meshattn.training.checkpoint import load_reference
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "meshattn", "train", "--tp", "1", "--steps", "2", "--batch-size", "2",
+                        "--seq-len", "32", "--sample-tokens", "0", "--no-progress", "--data", str(text),
+                        "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    r = _cli("--model", str(out), "--prompt", "def f", "--prompt", "ret", "--max-new-tokens", "5", "--dtype",
+             "float64", "--json")
+    assert r.returncode == 0, r.stderr
+    state, meta = load_reference(Path(out) / "checkpoint")
+    model = Transformer(ModelConfig(**meta["config"]["model"])).double()
+    model.load_state_dict(state)
+    want = generate(model, [list(b"def f"), list(b"ret")], 5)
+    assert [o["token_ids"] for o in json.loads(r.stdout)["outputs"]] == want
