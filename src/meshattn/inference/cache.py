@@ -11,7 +11,8 @@ slots, then
   every context-parallel impl and layout prefills as it trains; the cache keeps this rank's
   sequence chunks, sharded as the layout put them;
 - decode: attends the queries to the cached slots whose position is visible (<= the query's,
-  inside the sliding window) in one exact fp32 pass that also returns the log-sum-exp. Under cp
+  inside the sliding window): a whole cache through the fused SDPA kernel (grouped heads without
+  repeating the cache); under cp one exact fp32 pass per rank that also returns the log-sum-exp:
   every rank attends to its own shard and the (B, H, S, D + 1) partial results are all-gathered
   over cp and merged by log-sum-exp (model/attention.merge_): each decode token's K and V are
   kept by one rank only, round-robin over the decode steps, so the shards stay balanced.
@@ -23,9 +24,11 @@ them. The cache never drops slots: a sliding window is applied by the mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..comm import Axis, all_gather_raw
 from ..model.attention import default_scale, merge_
@@ -100,6 +103,11 @@ class Step:
     allowed: torch.Tensor | None  # decode: (B, 1, S, n) which cached slots each query sees
     keep: torch.Tensor | None = None  # (B,): the token of each row the LM head needs (-1: none here)
 
+    @functools.cached_property
+    def everything(self) -> bool:
+        """Whether every query sees every cached slot (no mask needed)."""
+        return self.allowed is None or bool(self.allowed.all())
+
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
 
@@ -126,10 +134,12 @@ class LayerCache:
         if step.allowed is None:
             return inner(q, k, v)  # prefill: the model's own attention over the new tokens
         n = cache.used
-        out, lse = cached_attention(q, cache.k[self.index, :, :, :n], cache.v[self.index, :, :, :n], step.allowed)
-        if cache.cp is not None and cache.cp.size > 1:
-            out, lse = merge_over(out, lse, cache.cp)
-        return out.to(q.dtype)
+        k, v = cache.k[self.index, :, :, :n], cache.v[self.index, :, :, :n]  # (B, G, n, D)
+        if cache.cp is None or cache.cp.size == 1:  # a whole cache: the fused kernel, no lse needed
+            mask = None if step.everything else step.allowed
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out, lse = cached_attention(q, k, v, step.allowed)
+        return merge_over(out, lse, cache.cp)[0].to(q.dtype)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
