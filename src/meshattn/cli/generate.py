@@ -102,13 +102,12 @@ def resolve_model(path: str) -> tuple[str, str, ModelConfig, str | None]:
 
 def check_generate(a: argparse.Namespace) -> Request:
     from ..hf import ByteTokenizer, load_tokenizer
-    from .checks import check_at_least, check_timeout
+    from .checks import check_at_least, check_timeout, check_ulysses_flag
 
     check_timeout(a.timeout)
     check_at_least(a, 1, "max_new_tokens", "tp", "cp", "dp", "ep")
     sampling = _sampling(a)
-    if a.cp_impl == "hybrid" and a.ulysses_size is None:
-        raise ConfigError(f"--cp-impl hybrid needs --ulysses-size among {', '.join(map(str, divisors(a.cp)))}")
+    check_ulysses_flag(a)
     kind, path, model, tok_folder = resolve_model(a.model)
     par = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, cp_impl=a.cp_impl, cp_layout=a.cp_layout,
                          ulysses_size=a.ulysses_size, ep=a.ep, moe_dispatch=a.moe_dispatch)

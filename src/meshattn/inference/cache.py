@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..comm import Axis, all_gather_raw
 from ..model.attention import default_scale, merge_
+from ..parallel.blocks import acc_dtype
 
 
 class KVCache:
@@ -154,7 +155,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     B, H, S, D = q.shape
     G, n = k.shape[1], k.shape[2]
     r = H // G
-    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    f = acc_dtype(q)
     qg = q.reshape(B, G, r * S, D).to(f)  # head g*r + j, query s -> row j*S + s of group g
     scores = (qg @ k.to(f).transpose(-1, -2)) * default_scale(D, scale)  # (B, G, r*S, n)
     seen = allowed.expand(B, r, S, n).reshape(B, 1, r * S, n)

@@ -20,10 +20,11 @@ import math
 
 import torch
 
-from ..comm import Axis, all_gather_raw, all_reduce_
+from ..comm import all_gather_raw, all_reduce_
 from ..model.mask import dense_mask
 from ..model.transformer import Transformer
 from ..parallel import ParallelModel
+from ..parallel.blocks import acc_dtype
 from .cache import KVCache
 
 
@@ -119,26 +120,13 @@ class Engine:
     def _last(self, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The rows' next-token logits (B, V) from the head's (B, 1, V') at `keep`: each row's
         from the cp rank holding its last prompt token, by one sum over cp of zeros elsewhere."""
-        last = torch.where((keep >= 0)[:, None], logits[:, 0].to(_float(logits)), 0.0)  # (B, V')
+        last = torch.where((keep >= 0)[:, None], logits[:, 0].to(acc_dtype(logits)), 0.0)  # (B, V')
         if self.cp is not None and self.cp.size > 1:
             all_reduce_(last, self.cp, "fwd")  # one rank holds each row's position: the sum is that row
         return self._gather_vocab(last)
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.to(_float(logits))
+        logits = logits.to(acc_dtype(logits))
         if self.parallel and self.module.vocab_parallel:
             logits = all_gather_raw(logits, 1, self.tp, "fwd")  # (B, V)
         return logits
-
-
-def _float(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def group_sum(flag: int, axis: Axis | None) -> int:
-    """flag summed over axis (itself when axis is None or has one rank)."""
-    if axis is None or axis.size == 1:
-        return flag
-    t = torch.tensor([flag], dtype=torch.long)
-    all_reduce_(t, axis, "fwd")
-    return int(t.item())

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..comm import Axis, all_reduce_
 from ..parallel import ParallelModel
-from .engine import Engine, group_sum
+from .engine import Engine
 from .sampling import Sampling, pick
 
 
@@ -119,3 +119,12 @@ def _gathered(model: ParallelModel, outputs, prompt_tokens, prefill_s, decode_s,
     all_reduce_(times, Axis.from_group(None, "world"), "fwd", op="max")
     tokens = [t for group in every for t in group]
     return Generation(tokens, prompt_tokens, float(times[0]), float(times[1]), steps)
+
+
+def group_sum(flag: int, axis: Axis | None) -> int:
+    """flag summed over axis (itself when axis is None or has one rank)."""
+    if axis is None or axis.size == 1:
+        return flag
+    t = torch.tensor([flag], dtype=torch.long)
+    all_reduce_(t, axis, "fwd")
+    return int(t.item())
