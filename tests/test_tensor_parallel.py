@@ -72,9 +72,10 @@ def _capture_block_input(block: torch.nn.Module) -> dict:
 
 
 def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp_layout="zigzag",
-                 ulysses_size=None, seq=S, overlap=True, vocab="auto", window=None, packed=False):
+                 ulysses_size=None, seq=S, overlap=True, vocab="auto", window=None, packed=False, shard="none",
+                 recompute="none"):
     """packed: the batch is packed documents (packed_documents), targets never cross a boundary;
-    window: the model's sliding window."""
+    window: the model's sliding window; shard="dp": parameters sharded over dp x cp by FSDP."""
     dtype = getattr(torch, dtype)
     cfg = ModelConfig(**(MODELS[model] if isinstance(model, str) else model), window=window)
     torch.manual_seed(0)
@@ -93,8 +94,13 @@ def check_parity(rank, world, dp, tp, sp, model, dtype, cp=1, cp_impl="ring", cp
     ref_loss.backward()
 
     par = ParallelConfig(dp=dp, tp=tp, cp=cp, sequence_parallel=sp, cp_impl=cp_impl, cp_layout=cp_layout,
-                         ulysses_size=ulysses_size, overlap=overlap, vocab_parallel=vocab)
-    pm = parallelize(ref, mesh_for(par))
+                         ulysses_size=ulysses_size, overlap=overlap, vocab_parallel=vocab, shard=shard)
+    pm = parallelize(ref, mesh_for(par), recompute=recompute)
+    if shard == "dp":  # every parameter is FSDP's DTensor, this rank holding its dim-0 piece
+        from meshattn.parallel.fsdp import is_sharded
+
+        assert all(is_sharded(p) and p.to_local().shape[0] == -(-p.shape[0] // pm.axes.batch.size)
+                   or p.to_local().shape[0] == 0 for p in pm.parameters())
     assert pm.local.vocab_parallel == par.splits_vocab(cfg)
     dp_axis, tp_axis, batch_axis = pm.axes.dp, pm.axes.tp, pm.axes.batch
     par_in = _capture_block_input(pm.local.blocks[0])

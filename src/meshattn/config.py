@@ -63,6 +63,9 @@ Recompute = _option("Recompute", "none attention block",
 VocabParallel = _option("VocabParallel", "auto on off",
                         "Split the embedding and LM head over tp (on), keep them whole (off), or decide (auto).")
 OnNonfinite = _option("OnNonfinite", "stop skip", "A non-finite loss or gradient norm: stop the run, or skip the step.")
+ShardMode = _option("ShardMode", "none dp",
+                    "Parameters, gradients and AdamW state replicated over the dp x cp ranks (none), or sharded "
+                    "over them with FSDP2 (dp; parallel/fsdp.py).")
 MoeDispatch = _option("MoeDispatch", "all_to_all gather",
                       "How tokens reach their experts' ranks (parallel/moe.py): all-to-all dispatch and combine, or "
                       "all-gather before the experts and reduce-scatter after.")
@@ -340,6 +343,9 @@ class ParallelConfig:
     # world / ep groups, and every rank routes its own tokens (see parallel/moe.py).
     ep: int = 1
     moe_dispatch: str = "all_to_all"
+    # "dp": FSDP2 shards each rank's (tp-local) parameters, gradients and optimizer state over the
+    # dp x cp ranks; "none": they are replicated there and DDP averages the gradients.
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp", "ep"):
@@ -347,7 +353,7 @@ class ParallelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         for name, option in (("cp_impl", CpImpl), ("cp_layout", CpLayout), ("vocab_parallel", VocabParallel),
-                             ("moe_dispatch", MoeDispatch)):
+                             ("moe_dispatch", MoeDispatch), ("shard", ShardMode)):
             object.__setattr__(self, name, option.parse(getattr(self, name), name).value)
         if self.impl.needs_ulysses_size:
             check_ulysses_size(self.cp, self.ulysses_size)
@@ -359,6 +365,12 @@ class ParallelConfig:
                               "support; use vocab_parallel='on' (or 'auto') with sequence_parallel")
         if not self.impl.needs_ulysses_size and self.ulysses_size is not None:
             raise ConfigError(f"ulysses_size is only used by cp_impl='hybrid' (cp_impl={self.cp_impl!r}); drop it")
+        if self.shard == "dp" and self.batch_ranks == 1:
+            raise ConfigError(f"shard='dp' shards over the dp x cp ranks, and there is {self.batch_ranks}; use dp or "
+                              "cp > 1, or shard='none'")
+        if self.shard == "dp" and self.node_size is not None:
+            raise ConfigError("node_size makes the data-parallel all-reduce hierarchical, and shard='dp' replaces "
+                              "that all-reduce with FSDP's reduce-scatter; drop node_size")
         if self.world_size % self.ep:
             raise ConfigError(f"ep={self.ep} must divide the world dp*cp*tp = {self.world_size} (expert parallelism "
                               f"borrows those ranks); legal ep: {_legal(divisors(self.world_size))}")

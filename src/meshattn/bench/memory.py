@@ -63,6 +63,27 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
 
 
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors` on this rank, each counted once; for a DTensor (a
+    parameter sharded by FSDP) those of this rank's piece, padding included."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        for storage in _storages(t):
+            seen[storage.data_ptr()] = storage.nbytes()
+    seen.pop(0, None)  # empty pieces (a rank past the end of a short dim 0) hold nothing
+    return sum(seen.values())
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """What this rank holds between steps: weights, gradients, optimizer state (bytes) and total."""
+    params = list(model.parameters())
+    out = {"weights": held_bytes(params),
+           "gradients": held_bytes(p.grad for p in params if p.grad is not None),
+           "optimizer": held_bytes(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))}
+    out["total"] = sum(out.values())
+    return out
+
+
 class SavedActivations:
     """Bytes autograd saves for backward during a forward pass, parameters excluded.
 

@@ -10,7 +10,7 @@ import dataclasses
 
 from .. import hf
 from ..config import (CpImpl, CpLayout, DType, ModelConfig, MoeDispatch, OnNonfinite, ParallelConfig, PRESETS,
-                      Recompute, TrainConfig, VocabParallel, preset)
+                      Recompute, ShardMode, TrainConfig, VocabParallel, preset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,11 @@ def _train_parser(sub) -> None:
                         "dp*cp*tp ranks (it adds no ranks)")
     p.add_argument("--moe-dispatch", default="all_to_all", choices=MoeDispatch.names(),
                    help="how tokens reach their experts: all-to-all, or all-gather then reduce-scatter")
+    p.add_argument("--shard", default="none", choices=ShardMode.names(),
+                   help="dp: shard parameters, gradients and AdamW state over the dp x cp ranks with FSDP2 (each rank "
+                        "keeps 1/(dp*cp) of its tp shard's; weights are all-gathered per block, gradients "
+                        "reduce-scattered). none: replicate them and average gradients with DDP (less traffic, "
+                        "the default while the model fits)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="each expert takes at most ceil(c * tokens * top_k / experts) tokens of its ep group, "
                         "dropping the lowest router probabilities (default: the preset's; dropless)")
@@ -228,7 +233,8 @@ def bench_model(a: argparse.Namespace, seq_lens: list[int]) -> ModelConfig:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     parallel = ParallelConfig(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sp, cp_impl=a.cp_impl,
                               cp_layout=a.cp_layout, ulysses_size=a.ulysses_size, node_size=a.node_size,
-                              vocab_parallel=a.vocab_parallel, ep=a.ep, moe_dispatch=a.moe_dispatch)
+                              vocab_parallel=a.vocab_parallel, ep=a.ep, moe_dispatch=a.moe_dispatch,
+                              shard=a.shard)
     model = preset(a.preset) if a.init_from is None else hf.read_config(a.init_from)
     if a.window is not None:
         model = dataclasses.replace(model, window=a.window)
@@ -248,4 +254,5 @@ def layout_name(par: ParallelConfig) -> str:
         impl = par.cp_impl + (f"(ulysses {par.ulysses_size})" if par.cp_impl == "hybrid" else "")
         cp = f" cp={par.cp} {impl} {par.cp_layout}"
     ep = "" if par.ep == 1 else f" ep={par.ep}" + ("" if par.moe_dispatch == "all_to_all" else f" ({par.moe_dispatch})")
-    return f"dp={par.dp}{cp} tp={par.tp}{' +sp' if par.sequence_parallel else ''}{ep}"
+    shard = " (sharded over dp x cp)" if par.shard == "dp" else ""
+    return f"dp={par.dp}{cp} tp={par.tp}{' +sp' if par.sequence_parallel else ''}{ep}{shard}"

@@ -1,9 +1,10 @@
 """parallelize(model, dims): the reference model split over a dp x cp x tp layout.
 
 Order matters and is fixed: tensor parallelism first (it decides which parameters exist), then
-context parallelism (how attention crosses the sequence split), then data parallelism (DDP over
-dp x cp, which wraps the result and averages gradients). Activation checkpointing is chosen here,
-when the model is built.
+context parallelism (how attention crosses the sequence split), then data parallelism over dp x cp:
+DDP, which wraps the result and averages gradients, or with ParallelConfig.shard = "dp" FSDP2,
+which shards the tp-local parameters again over those ranks (fsdp.py). Activation checkpointing is
+chosen here, when the model is built.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..mesh import MeshAxes, ParallelDims
 from ..model import Transformer
 from .context import SequenceSplit
 from .data import local_batch, no_sync, unwrap, wrap_data_parallel
+from .fsdp import shard_parameters, unsharded
 from .shard import (Shard, TensorSource, check_shards, collect_shards, gather_full, gather_tensors,
                     load_full_state_dict)
 from .transformer import ParallelTransformer
@@ -38,11 +40,15 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, local: ParallelTransformer, cfg: ParallelConfig, axes: MeshAxes, shards: dict[str, Shard],
-                 counter: CommCounter | None, split: SequenceSplit | None):
+                 counter: CommCounter | None, split: SequenceSplit | None, gather_dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg, self.axes, self.shards, self.counter, self.split = cfg, axes, shards, counter, split
-        self.inner = wrap_data_parallel(local, axes.batch, hierarchy=axes.hierarchy,
-                                        ignore=local.expert_parameter_names())
+        if cfg.shard == "dp":  # FSDP2: the module itself, its parameters now DTensors over the batch axis
+            self.inner = shard_parameters(local, axes.batch, next(local.parameters()).device.type,
+                                          local.expert_parameter_names(), gather_dtype)
+        else:
+            self.inner = wrap_data_parallel(local, axes.batch, hierarchy=axes.hierarchy,
+                                            ignore=local.expert_parameter_names())
 
     @property
     def local(self) -> ParallelTransformer:
@@ -110,8 +116,8 @@ class ParallelModel(nn.Module):
                                    local.vocab_parallel, Recompute.NONE, axes.experts, self.cfg.moe_dispatch)
         p = next(local.parameters())
         twin.to(device=p.device, dtype=p.dtype)
-        twin.load_state_dict(local.state_dict())
-        cfg = dataclasses.replace(self.cfg, sequence_parallel=False)
+        twin.load_state_dict({k: unsharded(v) for k, v in local.state_dict().items()})  # the twin is not sharded
+        cfg = dataclasses.replace(self.cfg, sequence_parallel=False, shard="none")
         return ParallelModel(twin, cfg, axes, collect_shards(twin), None, self.split)
 
     def named_shards(self):
@@ -126,20 +132,21 @@ class ParallelModel(nn.Module):
 
 
 def parallelize(model: Transformer, dims: ParallelDims, counter: CommCounter | None = None,
-                recompute: str = "none") -> ParallelModel:
+                recompute: str = "none", gather_dtype: torch.dtype | None = None) -> ParallelModel:
     """Split a reference model (with its weights) over the layout of `dims`. The reference is not
     modified. Validates the layout against the model before creating any group."""
     ref = next(model.parameters())
-    return build(model.cfg, dims, model.state_dict(), counter, recompute, ref.dtype, ref.device)
+    return build(model.cfg, dims, model.state_dict(), counter, recompute, ref.dtype, ref.device, gather_dtype)
 
 
 def build(cfg: ModelConfig, dims: ParallelDims, weights: dict[str, torch.Tensor] | TensorSource,
           counter: CommCounter | None = None, recompute: str = "none", dtype: torch.dtype = torch.float32,
-          device=None) -> ParallelModel:
+          device=None, gather_dtype: torch.dtype | None = None) -> ParallelModel:
     """The parallel model of `cfg` over the layout of `dims`, each rank copying only its slices
     from `weights`: a full reference-named state dict, or a TensorSource that reads just those
     slices (meshattn.hf.HFSource reads a safetensors folder so). Validates the layout against the
-    model before creating any group."""
+    model before creating any group. gather_dtype: with dims.cfg.shard = "dp", the dtype FSDP
+    gathers weights in (the autocast dtype of mixed precision; None: the weights' own)."""
     dims.cfg.check_model(cfg)
     recompute = Recompute.parse(recompute, "checkpoint")
     axes = dims.axes(cfg.n_kv_heads, counter, moe=cfg.is_moe)
@@ -150,7 +157,7 @@ def build(cfg: ModelConfig, dims: ParallelDims, weights: dict[str, torch.Tensor]
     shards = collect_shards(local)
     check_shards(local, shards)
     load_full_state_dict(local, shards, weights, axes.shard_axes())
-    return ParallelModel(local, dims.cfg, axes, shards, counter, split)
+    return ParallelModel(local, dims.cfg, axes, shards, counter, split, gather_dtype)
 
 
 def gather_state_dict(model: ParallelModel, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..comm import Axis, all_gather_raw
+from .fsdp import copy_into, unsharded
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def load_full_state_dict(module: nn.Module, shards: dict[str, Shard],
         axis = axes[shard.axis]
         width = shard.span // shard.parts
         start = shard.start + shard.part_of(axis.rank, axis.size) * width
-        p.copy_(source.read(shard.name, shard.dim, start, start + width))
+        copy_into(p, source.read(shard.name, shard.dim, start, start + width))  # this rank's piece under FSDP
 
 
 @torch.no_grad()
@@ -167,12 +168,13 @@ def gather_tensors(module: nn.Module, shards: dict[str, Shard], axes: dict[str, 
                    tensor_of: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full reference-named tensors from per-parameter local ones shaped like their parameter
     (the parameters, their gradients, an optimizer's moments): `tensor_of(local name, param)`.
-    A collective over the shards' axes (MeshAxes.shard_axes)."""
+    A collective over the shards' axes (MeshAxes.shard_axes), and over the batch axis for
+    tensors sharded by FSDP."""
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         shard = shards[name]
         axis = axes[shard.axis].with_counter(None)  # not training traffic
-        t = tensor_of(name, p)
+        t = unsharded(tensor_of(name, p))  # under FSDP, all-gathered over the batch axis first
         if shard.parts == 1 or axis.size == 1:
             region = t.clone()
         else:

@@ -10,8 +10,9 @@ A checkpoint is a directory `ROOT/step-00000120/` holding
 and `ROOT/latest` names the newest complete one.
 
 Layout-free: every tensor is stored at the reference model's full shape, so a checkpoint saved at
-dp2 x tp2 loads at tp1, cp2 or anything else: each rank slices what it holds (the same `Shard`
-descriptions that split the reference model). DCP deduplicates the tensors every rank holds and
+dp2 x tp2 loads at tp1, cp2 or anything else, with parameters sharded over dp x cp (FSDP) or not:
+each rank slices what it holds (the same `Shard` descriptions that split the reference model, then
+FSDP's split of the tp-local piece). DCP deduplicates the tensors every rank holds and
 spreads the writing over ranks. Costs one full copy of the model and optimizer state per rank
 while saving or loading (fine up to a few GB; sharded DTensor checkpoints would avoid it).
 
@@ -43,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..parallel import ParallelModel, gather_state_dict, load_state_dict
+from ..parallel.fsdp import shard_like
 from .safe_pickle import RefusedPickle, SafeFileSystemReader
 
 MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
@@ -249,8 +251,9 @@ def load(model: ParallelModel, opt: torch.optim.Optimizer | None, cfg: TrainConf
         for _, p, shard in model.named_shards():
             axis = axes[shard.axis]
             opt.state[p] = {"step": state[f"optim/{shard.name}/step"].float().reshape(()),
-                            **{key: shard.take(state[f"optim/{shard.name}/{key}"], axis.rank, axis.size).clone()
-                               for key in ("exp_avg", "exp_avg_sq")}}
+                            **{key: shard_like(p, shard.take(state[f"optim/{shard.name}/{key}"], axis.rank,
+                                                             axis.size).clone())
+                               for key in ("exp_avg", "exp_avg_sq")}}  # split as p is under FSDP
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..parallel.fsdp import local
+
 
 @dataclass
 class LossScaler:
@@ -32,7 +34,7 @@ class LossScaler:
     def unscale_(self, params) -> None:
         for p in params:
             if p.grad is not None:
-                p.grad.mul_(1.0 / self.scale)
+                local(p.grad).mul_(1.0 / self.scale)  # this rank's piece under FSDP
 
     def update(self, finite: bool) -> None:
         """After a step: shrink on overflow, grow after growth_interval clean steps."""

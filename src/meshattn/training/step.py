@@ -22,6 +22,7 @@ from ..mesh import ParallelDims, current_device
 from ..model import Transformer
 from ..model.moe import expert_imbalance
 from ..parallel import ParallelModel, build, parallelize
+from ..parallel.fsdp import is_sharded, local
 from .corpus import Corpus
 from .packing import PackedCorpus
 from .scaler import LossScaler
@@ -40,14 +41,16 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 def build_model(cfg: TrainConfig, dims: ParallelDims, counter: CommCounter | None = None) -> ParallelModel:
     """Every rank builds the same seeded reference model and keeps its own slices of it; with
-    init_from, every rank reads just its slices of the Hugging Face folder's weights instead."""
+    init_from, every rank reads just its slices of the Hugging Face folder's weights instead.
+    Under mixed precision a sharded (FSDP) model gathers its weights in the autocast dtype."""
+    gather = getattr(torch, cfg.dtype) if DType(cfg.dtype).autocast else None
     if cfg.init_from is not None:
         with HFSource(cfg.init_from, cfg.model) as source:
             return build(cfg.model, dims, source, counter, cfg.checkpoint, dtype=DTYPES[cfg.dtype],
-                         device=current_device())
+                         device=current_device(), gather_dtype=gather)
     torch.manual_seed(cfg.seed)
     ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
-    return parallelize(ref, dims, counter, cfg.checkpoint)
+    return parallelize(ref, dims, counter, cfg.checkpoint, gather)
 
 
 def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -72,18 +75,24 @@ def grad_norm(model: ParallelModel) -> torch.Tensor:
 
     A parameter split into `parts` over the ranks of its axis (tp, or ep for experts) appears
     size/parts times across that axis, so each rank weights its local sum of squares by
-    parts/size before the sum over the axis; the tp and ep sums add up.
+    parts/size before the sum over the axis; the tp and ep sums add up. A gradient sharded by
+    FSDP over the batch axis is summed over that axis first (its pieces are disjoint).
     """
     axes = model.axes.shard_axes()
     device = next(model.parameters()).device
-    totals = {name: torch.zeros(1, dtype=torch.float64, device=device) for name in axes}  # (1,) each
+    totals = torch.zeros(2, len(axes), dtype=torch.float64, device=device)  # (plain | sharded, axis)
+    index = {name: i for i, name in enumerate(axes)}
     seen = set()
     for _, p, shard in model.named_shards():
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
-        totals[shard.axis] += p.grad.double().pow(2).sum() * (shard.parts / axes[shard.axis].size)
-    total = sum(all_reduce_(t, axes[name], "step") for name, t in totals.items())  # (1,)
+        g = local(p.grad)
+        totals[int(is_sharded(p.grad)), index[shard.axis]] += g.double().pow(2).sum() * (shard.parts / axes[shard.axis].size)
+    if model.cfg.shard != "none":
+        totals[1] = all_reduce_(totals[1].contiguous(), model.axes.batch, "step")
+    per_axis = totals.sum(0)  # (axes,)
+    total = sum(all_reduce_(per_axis[i:i + 1].clone(), axes[name], "step") for name, i in index.items())  # (1,)
     return total.sqrt()[0]
 
 
@@ -97,7 +106,7 @@ def clip_grads(model: ParallelModel, max_norm: float, norm: torch.Tensor | None 
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+                local(p.grad).mul_(scale.to(p.grad.dtype))
     return norm
 
 
@@ -106,7 +115,7 @@ def locate_nonfinite(model: ParallelModel, loss_finite: bool) -> str:
     only on this path): the ranks whose own loss was not finite, else the ranks and parameters
     whose gradients (after the data-parallel average, before the tp-wide norm) were not finite."""
     bad = sorted({shard.name for _, p, shard in model.named_shards()
-                  if p.grad is not None and not torch.isfinite(p.grad).all()})
+                  if p.grad is not None and not torch.isfinite(local(p.grad)).all()})
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, (loss_finite, bad))
     losses = [r for r, (ok, _) in enumerate(seen) if not ok]
