@@ -198,6 +198,8 @@ CASES = [
     (["train", "--init-from", "{llama}", "--seq-len", "32"],
      "has neither model.safetensors nor model.safetensors.index.json"),
     # train: numbers
+    (["train", "--shard", "dp", "--tp", "2"], "shard='dp' shards over the dp x cp ranks, and there is 1; use dp or cp"),
+    (["train", "--shard", "dp", "--dp", "2", "--tp", "1", "--node-size", "2"], "drop node_size"),
     (["train", "--lr", "nan"], "--lr nan is not a usable learning rate; give a finite number > 0, e.g. --lr 3e-3"),
     (["train", "--lr", "-1"], "--lr -1.0 is not a usable learning rate; give a finite number > 0"),
     (["train", "--lr", "inf"], "--lr inf is not a usable learning rate"),

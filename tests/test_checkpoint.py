@@ -29,6 +29,10 @@ LAYOUTS = {
     "cp4": ParallelConfig(cp=4, cp_impl="ring"),
     "dp4": ParallelConfig(dp=4),
     "tp4": ParallelConfig(tp=4),  # 2 KV heads replicated on 2 ranks each
+    # parameters, gradients and optimizer state sharded over dp x cp by FSDP (--shard dp)
+    "dp2xtp2-sharded": ParallelConfig(dp=2, tp=2, shard="dp"),
+    "dp2xcp2-sharded": ParallelConfig(dp=2, cp=2, cp_impl="ring", shard="dp"),
+    "dp4-sharded": ParallelConfig(dp=4, shard="dp"),
 }
 
 
@@ -50,7 +54,7 @@ def save_then_continue(rank, world, layout, root, steps_before=3, steps_after=2)
     for step in range(steps_before):
         train_step(model, opt, corpus, step, cfg)
     ckpt.save(model, opt, cfg, steps_before, Path(root))
-    full = {k: v.clone() for k, v in gather_state_dict(model).items()}
+    full = {k: v.clone() for k, v in ckpt._state(model, opt).items()}  # weights and AdamW moments, full shape
     losses = [train_step(model, opt, corpus, s, cfg)[0] for s in range(steps_before, steps_before + steps_after)]
     return full, losses
 
@@ -62,15 +66,18 @@ def load_and_continue(rank, world, layout, root, full, steps_before=3, steps_aft
     opt = make_optimizer(model, cfg)
     meta = ckpt.load(model, opt, cfg, Path(root))
     assert meta["step"] == steps_before
-    loaded = gather_state_dict(model)
+    loaded = ckpt._state(model, opt)
     assert loaded.keys() == full.keys()
     for name, t in full.items():
-        assert torch.equal(loaded[name], t), f"{name} differs after loading"
+        assert torch.equal(loaded[name], t), f"{name} differs after loading"  # bitwise, moments included
     return [train_step(model, opt, corpus, s, cfg)[0] for s in range(steps_before, steps_before + steps_after)]
 
 
 @pytest.mark.parametrize("saved,loaded", [("dp2xtp2", "tp1"), ("tp2", "cp2"), ("cp4", "dp4"), ("tp1", "tp4"),
-                                          ("dp2xtp2", "dp2xtp2")])
+                                          ("dp2xtp2", "dp2xtp2"),
+                                          # sharded to unsharded at another layout, and back; sharded to sharded
+                                          ("dp2xtp2-sharded", "cp2"), ("tp4", "dp2xcp2-sharded"),
+                                          ("dp2xcp2-sharded", "dp4-sharded"), ("dp2xtp2-sharded", "dp2xtp2-sharded")])
 def test_save_at_one_layout_load_at_another(pools, tmp_path, saved, loaded):
     world = LAYOUTS[saved].world_size
     full, losses = pools.run(world, save_then_continue, layout=saved, root=str(tmp_path))[0]

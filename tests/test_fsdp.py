@@ -116,3 +116,87 @@ def test_mixed_precision_under_sharding_stays_within_a_band_of_fp32(pools, dtype
     assert rel.max() < band, rel.max()
     assert rel.max() > 1e-6, "identical to fp32: the low-precision gather did not take effect"
     assert all(torch.isfinite(torch.tensor(sharded[1])))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_state_per_rank_falls_as_one_over_dp(pools, world):
+    _assert_state_falls_as_one_over_dp(pools.run(world, held_state, dp=world)[0], world)
+
+
+def eight_ranks(rank, world):
+    """dp2 x cp2 x tp2 (ring, zigzag, sequence parallel) sharded: parity with the single device;
+    then the state a rank holds at dp8."""
+    check_parity(rank, world, dp=2, tp=2, cp=2, sp=True, model="gqa-llama", dtype="float32", shard="dp")
+    check_parity(rank, world, dp=2, tp=2, cp=2, sp=False, model="gqa-llama", dtype="float32", shard="dp",
+                 cp_impl="hybrid", ulysses_size=2, recompute="block")
+    return held_state(rank, world, dp=8)
+
+
+def test_eight_ranks_dp2_cp2_tp2_parity_and_dp8_state(pools):
+    """(The hybrid here: Ulysses over 2 ranks inside, ring across 2, as a 1 x 2 grid of cp=2.)"""
+    measured = pools.run(8, eight_ranks)
+    for rank_state in measured:
+        _assert_state_falls_as_one_over_dp(rank_state, 8)
+
+
+def nan_in_a_sharded_gradient(rank, world):
+    """A NaN written into rank 3's piece of one sharded gradient (after the reduce-scatter, so
+    only that rank has it): every rank sees a non-finite norm, no rank steps, and the report
+    names the parameter and the rank."""
+    from meshattn.parallel.fsdp import local
+    from meshattn.training import step as step_module
+
+    cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(dp=2, tp=2, shard="dp"), steps=3, batch_size=8, seq_len=32,
+                      sample_tokens=0)
+    corpus = _corpus()
+    model = build_model(cfg, mesh_for(cfg.parallel))
+    opt = make_optimizer(model, cfg)
+    train_step(model, opt, corpus, 0, cfg)
+    before = [local(p).detach().clone() for p in model.parameters()]
+    name, victim = [(n, p) for n, p in model.local.named_parameters() if p.dim() == 2][1]
+    norm_of = step_module.grad_norm
+
+    def poisoned(m):
+        if rank == 3:
+            local(victim.grad).fill_(float("nan"))
+        return norm_of(m)
+
+    step_module.grad_norm = poisoned
+    try:
+        report: dict = {}
+        _, norm = train_step(model, opt, corpus, 1, cfg, report=report)
+    finally:
+        step_module.grad_norm = norm_of
+    assert norm != norm
+    assert report["where"] == (f"first seen in the gradients of {model.shards[name].name} on rank(s) [3]; "
+                               "the loss was finite on every rank"), report
+    assert all(torch.equal(a, local(p)) for a, p in zip(before, model.parameters()))
+    _, norm = train_step(model, opt, corpus, 2, cfg)
+    return norm == norm
+
+
+def test_a_nan_in_one_rank_s_gradient_piece_stops_every_rank(pools):
+    assert pools.run(4, nan_in_a_sharded_gradient) == [True] * 4
+
+
+
+def whole_run(rank, world, out):
+    """The training loop, sharded and not: steps, validation and a generated sample (forwards
+    without backward, after which the root unit must reshard) and the final checkpoint."""
+    from meshattn.training.loop import train
+
+    results = []
+    for shard in ("dp", "none"):
+        cfg = TrainConfig(model=MODEL, parallel=ParallelConfig(dp=2, tp=2, shard=shard),
+                          steps=3, batch_size=8, seq_len=32, lr=3e-3, warmup=1, sample_tokens=6, out=f"{out}/{shard}")
+        r = train(cfg, mesh_for(cfg.parallel), progress=False)
+        results.append((r.losses, r.val_loss, r.sample))
+    return results
+
+
+def test_the_training_loop_evaluates_samples_and_saves_under_sharding(pools, tmp_path):
+    (sharded, unsharded), *_ = pools.run(4, whole_run, out=str(tmp_path))
+    _assert_curves_close(sharded[0], unsharded[0], 1e-6)
+    assert sharded[1] == pytest.approx(unsharded[1], rel=1e-6)
+    assert sharded[2] == unsharded[2] and len(sharded[2]) > 0  # greedy: the same text
+    assert (tmp_path / "dp" / "checkpoint" / "latest").is_file()

@@ -132,6 +132,9 @@ LAYOUTS = {  # name: (world, layout)
     "dp2-ep2-moe": (2, dict(dp=2, ep=2, model="moe")),
     "dp4-ep4-moe-idle-rank": (4, dict(dp=4, ep=4, model="moe", prompts=PROMPTS[:3])),
     "dp2xtp2-ep4-moe-sampled": (4, dict(dp=2, tp=2, ep=4, model="moe", sampled=True)),
+    # weights sharded over dp x cp: every rank steps until all have stopped (FSDP all-gathers)
+    "dp4-sharded-idle-rank": (4, dict(dp=4, shard="dp", prompts=PROMPTS[:3])),
+    "dp2xcp2-sharded-sampled": (4, dict(dp=2, cp=2, shard="dp", sampled=True)),
 }
 
 

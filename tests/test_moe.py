@@ -61,7 +61,7 @@ def routing_margin(model: Transformer, ids, documents=None) -> float:
 
 
 def check_model(rank, world, dp=1, tp=1, cp=1, ep=1, sp=False, dispatch="all_to_all", cp_impl="ring",
-                dtype="float64", model=None, packed=False, recompute="none"):
+                dtype="float64", model=None, packed=False, recompute="none", shard="none"):
     dtype = getattr(torch, dtype)
     cfg = MOE if model is None else ModelConfig(**model)
     torch.manual_seed(0)
@@ -80,7 +80,8 @@ def check_model(rank, world, dp=1, tp=1, cp=1, ep=1, sp=False, dispatch="all_to_
     ref_logits, ref_loss = ref(ids, targets, stats=ref_stats, **extra)
     ref_loss.backward()
 
-    par = ParallelConfig(dp=dp, tp=tp, cp=cp, ep=ep, sequence_parallel=sp, moe_dispatch=dispatch, cp_impl=cp_impl)
+    par = ParallelConfig(dp=dp, tp=tp, cp=cp, ep=ep, sequence_parallel=sp, moe_dispatch=dispatch, cp_impl=cp_impl,
+                         shard=shard)
     pm = parallelize(ref, mesh_for(par), recompute=recompute)
     par_in = _capture_block_input(pm.local.blocks[0])
     rows = torch.arange(B).chunk(dp)[pm.axes.dp.rank]
@@ -102,7 +103,7 @@ def check_model(rank, world, dp=1, tp=1, cp=1, ep=1, sp=False, dispatch="all_to_
     lm = stats["lm_loss"].reshape(1).clone()
     torch.distributed.all_reduce(lm, group=batch_axis.group) if batch_axis.size > 1 else None
     assert_close(lm[0] / batch_axis.size, ref_stats["lm_loss"], "lm loss")
-    assert len(stats["moe"]) == len(ref_stats["moe"]) == cfg.n_moe_layers
+    assert len(stats["moe"]) == len(ref_stats["moe"]) == cfg.n_moe_layers, (len(stats["moe"]), type(stats["moe"]))
     for i, (mine, want) in enumerate(zip(stats["moe"], ref_stats["moe"])):
         shares = torch.stack([mine["aux"].detach(), mine["z"].detach()]) / batch_axis.size
         torch.distributed.all_reduce(shares, group=world_axis.group)
@@ -132,6 +133,8 @@ LAYOUTS = {  # name: (world, layout)
     "cp2:ulysses-ep2@block": (2, dict(cp=2, ep=2, cp_impl="ulysses", recompute="block")),
     "dp2xcp2xtp2-ep8": (8, dict(dp=2, cp=2, tp=2, ep=8)),
     "dp4xtp2-ep4-gather": (8, dict(dp=4, tp=2, ep=4, dispatch="gather")),
+    # FSDP shards all but the experts over dp x cp; the experts keep their own split and sum
+    "dp2xtp2-ep4-sharded": (4, dict(dp=2, tp=2, ep=4, shard="dp")),
 }
 
 

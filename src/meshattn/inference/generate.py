@@ -8,9 +8,9 @@ padding row, which the experts of a mixture-of-experts layer still exchange with
 outputs are gathered over dp so every rank returns all of them, in prompt order.
 
 A request stops at its first end-of-sequence token (kept in its output) or after
-max_new_tokens. A group stops when its requests have; with a mixture of experts every rank
-keeps stepping until all ranks have stopped (one sum over the world per step), since the expert
-collectives span the dp groups.
+max_new_tokens. A group stops when its requests have; with a mixture of experts, or with weights
+sharded over dp x cp, every rank keeps stepping until all ranks have stopped (one sum over the
+world per step), since the expert collectives and FSDP's all-gathers span the dp groups.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def run(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling
     parallel = isinstance(model, ParallelModel)
     dp = model.axes.dp if parallel else Axis.single("dp")
     mine = share(len(prompts), dp.size, dp.rank)
-    world = Axis.from_group(None, "world") if parallel and model.local.cfg.is_moe and dist.get_world_size() > 1 else None
+    lockstep = parallel and (model.local.cfg.is_moe or model.cfg.shard != "none")  # collectives span dp groups
+    world = Axis.from_group(None, "world") if lockstep and dist.get_world_size() > 1 else None
     engine = Engine(model)
     eos = set(eos_token_ids)
     outputs: list[list[int]] = [[] for _ in mine]

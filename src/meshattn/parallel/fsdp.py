@@ -48,7 +48,17 @@ def shard_parameters(module: nn.Module, batch: Axis, device_type: str, ignore: l
     for block in module.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
     fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=ignored or None)
+    module.register_forward_hook(_reshard_without_backward)  # runs after FSDP's own post-forward hook
     return module
+
+
+def _reshard_without_backward(module, args, output) -> None:
+    """The root unit keeps its gathered weights after forward, for the backward that follows at
+    once. A forward without autograd (evaluation, generation) has no backward, so reshard now:
+    otherwise the whole weights would stay registered, and the optimizer and checkpoints, which
+    know the sharded ones, would not find them."""
+    if not torch.is_grad_enabled():
+        module.reshard()
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:

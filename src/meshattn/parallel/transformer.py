@@ -141,6 +141,18 @@ class ParallelBlock(nn.Module):
         return x + (self.mlp(h) if self.moe is None else self.moe(h, active, stats))
 
 
+class Collected:
+    """The MoE layers' stats, appended to by the blocks. Not a list: module hooks that rebuild the
+    containers among a module's arguments (FSDP's rebuild lists holding tensors that need grad)
+    would hand the block a copy, and its entry would be lost."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def append(self, entry) -> None:
+        self.items.append(entry)
+
+
 class ParallelTransformer(nn.Module):
     """The reference Transformer split over tp and cp. Parameters are declared empty; load them
     with `parallel.shard.load_full_state_dict` (parallelize does)."""
@@ -225,10 +237,10 @@ class ParallelTransformer(nn.Module):
             positions, mask, table, active = cache.positions, cache.mask, cache.table, cache.active
         x = self.tok_emb(ids, positions)  # (B, S/cp/tp | S/cp, h)
         rope = rope_for(self.cfg, positions, x.dtype)
-        layers: list = []
+        layers = Collected()
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, table, active, layers, None if cache is None else cache.layer(i))
-        layers = list(layers)  # a block recomputed in backward appends again: keep this forward's
+        layers = list(layers.items)  # a block recomputed in backward appends again: keep this forward's
         if cache is not None:
             x = cache.select(x)  # a prefill needs each row's last prompt token only: (B, 1, h)
         logits = self.head(self.norm(x))  # (B, S/cp, V/tp | V)

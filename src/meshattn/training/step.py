@@ -54,10 +54,14 @@ def build_model(cfg: TrainConfig, dims: ParallelDims, counter: CommCounter | Non
 
 
 def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (embeddings and linear weights), as nanoGPT does."""
+    """AdamW; weight decay on matrices only (embeddings and linear weights), as nanoGPT does.
+    Parameters sharded by FSDP and plain ones (experts, which FSDP leaves alone) go in separate
+    groups: one fused (foreach) update cannot mix DTensors and tensors."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == matrix and is_sharded(p) == sharded],
+               "weight_decay": cfg.weight_decay if matrix else 0.0}
+              for matrix in (True, False) for sharded in (False, True)]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), foreach=True)
 
 
