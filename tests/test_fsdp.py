@@ -40,7 +40,7 @@ def train_curves(rank, world, steps, dtype="float32", grad_accum=1, checkpoint="
     return [*out, list(reference_run(cfg, _corpus()))]
 
 
-def held_state(rank, world, steps=1, **layout):
+def held_state(rank, world, steps=1, model=MODEL, **layout):
     """state_bytes of this rank after `steps` steps, sharded and not; and the planner's formula
     (ZeRO-3 over dp x cp, fp32 weights and gradients, AdamW's two fp32 moments) for each."""
     from meshattn.bench.memory import state_bytes
@@ -49,18 +49,18 @@ def held_state(rank, world, steps=1, **layout):
     out = {}
     for shard in ("dp", "none"):
         par = ParallelConfig(shard=shard, **layout)
-        cfg = TrainConfig(model=MODEL, parallel=par, steps=steps, batch_size=8, seq_len=32, lr=3e-3, warmup=1,
+        cfg = TrainConfig(model=model, parallel=par, steps=steps, batch_size=8, seq_len=32, lr=3e-3, warmup=1,
                           sample_tokens=0)
-        model = build_model(cfg, mesh_for(par))
-        opt = make_optimizer(model, cfg)
+        pm = build_model(cfg, mesh_for(par))
+        opt = make_optimizer(pm, cfg)
         corpus = _corpus()
         for step in range(steps):
-            train_step(model, opt, corpus, step, cfg)
-        held = state_bytes(model, opt)
+            train_step(pm, opt, corpus, step, cfg)
+        held = state_bytes(pm, opt)
         held["optimizer"] -= 4 * len(opt.state)  # AdamW's step counters (one fp32 scalar per parameter)
         held["total"] -= 4 * len(opt.state)
-        out[shard] = (held, formula(MODEL, par.tp, par.batch_ranks, "zero3" if shard == "dp" else "none",
-                                    par.splits_vocab(MODEL)))
+        out[shard] = (held, formula(model, par.tp, par.batch_ranks, "zero3" if shard == "dp" else "none",
+                                    par.splits_vocab(model), ep=par.ep, shard_experts=False))
     return out
 
 
@@ -121,6 +121,18 @@ def test_mixed_precision_under_sharding_stays_within_a_band_of_fp32(pools, dtype
 @pytest.mark.parametrize("world", [2, 4])
 def test_state_per_rank_falls_as_one_over_dp(pools, world):
     _assert_state_falls_as_one_over_dp(pools.run(world, held_state, dp=world)[0], world)
+
+
+def test_an_moe_model_s_experts_stay_whole_as_the_planner_counts(pools):
+    """dp4 x ep2: FSDP shards all but the routed experts, which keep their ep split (E/ep each)."""
+    from test_moe import MOE
+
+    moe = dataclasses.replace(MOE, vocab_size=256, max_seq_len=32)
+    (held, predicted), whole = pools.run(4, held_state, model=moe, dp=4, ep=2)[0].values()
+    for part in ("weights", "gradients", "optimizer"):
+        assert abs(held[part] - predicted[part]) <= 0.1 * predicted[part], (part, held[part], predicted[part])
+        assert whole[0][part] == whole[1][part]
+    assert held["total"] > whole[0]["total"] / 4 * 1.2  # the experts are a large, unsharded part
 
 
 def eight_ranks(rank, world):

@@ -257,7 +257,9 @@ def test_search_at_16_h100s_chooses_expert_parallelism():
     assert best.fits and best.plan.parallel.ep > 1 and best.moe["ep"] == best.plan.parallel.ep
     assert all(e.plan.parallel.ep > 1 for e in r.ranked)
     assert not estimate(DEEPSEEK, job, parse_plan("dp16@block"), H100, MESHATTN).fits
-    assert estimate(DEEPSEEK, job, parse_plan("dp16@block", shard="zero3"), H100, MESHATTN).fits  # ep=1: possible
+    zero3 = parse_plan("dp16@block", shard="zero3")
+    assert not estimate(DEEPSEEK, job, zero3, H100, MESHATTN).fits  # meshattn's --shard dp leaves experts whole
+    assert estimate(DEEPSEEK, job, zero3, H100, MESHATTN.replace(zero_experts=True)).fits  # ZeRO-3 of all: fits
     eps = {(p.parallel.ep, p.parallel.moe_dispatch) for p in enumerate_plans(DEEPSEEK, 4096, 64, 16)}
     assert eps == {(1, "all_to_all")} | {(e, d) for e in (2, 4, 8, 16) for d in ("all_to_all", "gather")}
 

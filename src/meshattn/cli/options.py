@@ -202,8 +202,9 @@ def _plan_parser(sub) -> None:
                    help="activation checkpointing: selective = the attention core, full = whole blocks "
                         "(default: searched; none with --layout)")
     L.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (tp > 1)")
-    L.add_argument("--shard", default=None, choices=SHARDS, help="shard optimizer state (zero1) or everything "
-                                                                  "(zero3) over the data axis (default: searched)")
+    L.add_argument("--shard", default=None, choices=SHARDS,
+                   help="shard optimizer state (zero1, modelled only) or everything (zero3: what meshattn train "
+                        "--shard dp runs, the experts of an MoE model left whole) over dp x cp (default: searched)")
     L.add_argument("--pipeline", action="store_true", help="search pipeline stages too (modelled analytically; "
                                                            "meshattn itself does not run pipelines)")
     L.add_argument("--expert-imbalance", type=float, default=None, metavar="X",

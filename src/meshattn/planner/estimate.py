@@ -137,7 +137,7 @@ def estimate(model: ModelConfig, job: Job, plan: Plan, cluster, stack: Stack = M
     pipe = bubble + _pipeline_send_s(model, plan, cluster, stack, S, micro)
     counts = params_per_rank(model, p.tp, p.splits_vocab(model), p.ep)
     states = state_bytes(model, p.tp, p.dp * p.cp, plan.shard, p.splits_vocab(model), stack.weight_bytes,
-                         stack.grad_bytes, stack.optim_bytes, p.ep)
+                         stack.grad_bytes, stack.optim_bytes, p.ep, stack.zero_experts)
     dp_s = _dp_s(model, plan, cluster, stack, micro, compute, counts)
     optim = cluster.traffic_s(2 * states["total"] / plan.pp)
     est.time_s = {"compute": compute["total"], "matmul": compute["matmul"], "attention": compute["attention"],
@@ -310,7 +310,8 @@ def _dp_s(model, plan, cluster, stack, micro, compute, counts) -> float:
     """The gradients' (and ZeRO's weights') collectives over dp x cp, and an MoE model's routed
     experts' over their replicas (edp: world / ep ranks at stride ep) where they do not travel
     with the rest (moe.experts_in_ddp): without ZeRO one all-reduce per expert weight per backward
-    (comm.moe_comm), not hidden; with ZeRO sharded over edp like the rest over dp x cp. counts:
+    (comm.moe_comm), not hidden; with ZeRO sharded over edp like the rest over dp x cp, unless the
+    stack leaves the experts whole (Stack.zero_experts: then all-reduced as without ZeRO). counts:
     memory.params_per_rank's for this plan."""
     p = plan.parallel
     group = p.dp * p.cp
@@ -320,16 +321,18 @@ def _dp_s(model, plan, cluster, stack, micro, compute, counts) -> float:
         return 0.0
     inter, e_inter = _spans(plan, cluster, p.tp, group), _spans(plan, cluster, p.ep, edp)
     P = (counts["total"] - apart) / plan.pp
-    E = apart / plan.pp
+    whole_experts = edp > 1 and (plan.shard == "none" or not stack.zero_experts)  # all-reduced per backward
+    E = 0 if whole_experts else apart / plan.pp
+    experts_s = micro * _expert_grads_s(model, plan, cluster, stack, e_inter) if whole_experts else 0.0
 
     def both(kind: str, per_param: int) -> float:  # the dp x cp group's and the experts' edp group's
         return (cluster.collective_s(kind, group, P * per_param, inter)
-                + cluster.collective_s(kind, edp, E * per_param, e_inter))
+                + (cluster.collective_s(kind, edp, E * per_param, e_inter) if E else 0.0))
     if plan.shard == "zero3":  # per micro-batch: weights gathered twice, gradients reduce-scattered
         each = 2 * both("all_gather", stack.act_bytes) + both("reduce_scatter", stack.grad_bytes)
         if not stack.overlap_dp:
-            return micro * each
-        return micro * (each - cluster.overlap * min(each, compute["total"] / micro))
+            return micro * each + experts_s
+        return micro * (each - cluster.overlap * min(each, compute["total"] / micro)) + experts_s
     grads = P * stack.grad_bytes
     if plan.shard == "zero1":
         t = both("reduce_scatter", stack.grad_bytes) + both("all_gather", stack.weight_bytes)
@@ -339,9 +342,7 @@ def _dp_s(model, plan, cluster, stack, micro, compute, counts) -> float:
         backward = compute["total"] / micro * 2 / 3
         last = cluster.collective_s("all_reduce", group, min(DDP_BUCKET, grads), inter)
         t = max(t - cluster.overlap * min(t, backward), last)
-    if plan.shard == "none" and edp > 1:
-        t += micro * _expert_grads_s(model, plan, cluster, stack, e_inter)
-    return t
+    return t + experts_s
 
 
 def _expert_grads_s(model, plan, cluster, stack, inter) -> float:

@@ -81,7 +81,7 @@ class Plan:
         """The name plus the choices the grammar does not carry."""
         extra = [f"micro-batch {self.micro_batch}"]
         if self.shard != "none":
-            extra.append(self.shard)
+            extra.append(self.shard + (" = train --shard dp" if self.shard == "zero3" else ""))
         if self.interleave > 1:
             extra.append(f"{self.interleave} virtual stages")
         return f"{self.name} ({', '.join(extra)})"

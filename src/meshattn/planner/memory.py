@@ -301,7 +301,8 @@ def params_per_rank(cfg: ModelConfig, tp: int = 1, vocab_parallel: bool = True, 
 
 
 def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none", vocab_parallel: bool = True,
-                weight_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8, ep: int = 1) -> dict:
+                weight_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8, ep: int = 1,
+                shard_experts: bool = True) -> dict:
     """Weights, gradients and optimizer state one rank holds, in bytes.
 
     P = params_per_rank(cfg, tp, vocab_parallel)["total"] (the tp split). Then over the dp ranks
@@ -319,7 +320,8 @@ def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none",
     An MoE model's routed experts (P_e = params_per_rank(...)["experts"], E/ep per MoE layer) are
     held by the edp = dp * tp / ep ranks of the same experts (the world over ep), so ZeRO shards
     them over edp apart: ceil((P - P_e) / dp) + ceil(P_e / edp), except where edp is the dp group
-    itself (ep = 1, tp = 1: one flat buffer, ceil(P / dp)).
+    itself (ep = 1, tp = 1: one flat buffer, ceil(P / dp)). shard_experts=False: the experts stay
+    whole (meshattn's --shard dp leaves them to their ep split): ceil((P - P_e) / dp) + P_e.
     Returns params (P), weights, gradients, optimizer and total; for an MoE model also
     expert_params (P_e) and experts: the bytes of the experts' weights, gradients and optimizer
     state among the total.
@@ -328,13 +330,16 @@ def state_bytes(cfg: ModelConfig, tp: int = 1, dp: int = 1, shard: str = "none",
         raise ValueError(f"shard={shard!r} is unknown; choose one of {SHARD_MODES}")
     if dp < 1:
         raise ValueError(f"dp={dp} must be a positive integer")
-    if shard != "none" and (dp * tp) % ep:
+    if shard != "none" and shard_experts and (dp * tp) % ep:
         raise ValueError(f"ZeRO shards the experts over their dp x tp / ep copies: dp x tp = {dp * tp} must be a "
                          f"multiple of ep={ep}")
     counts = params_per_rank(cfg, tp, vocab_parallel, ep)
     P, P_e = counts["total"], counts.get("experts", 0)
     edp = max(dp * tp // ep, 1)  # ranks holding the same experts
-    if P_e == 0 or (ep == 1 and tp == 1):
+    if P_e and not shard_experts:
+        expert_part = P_e
+        part = -(-(P - P_e) // dp) + P_e
+    elif P_e == 0 or (ep == 1 and tp == 1):
         part = -(-P // dp)  # ceil(P / dp)
         expert_part = -(-P_e // dp)  # (their share of the flat buffer; unpadded)
     else:

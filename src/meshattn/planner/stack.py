@@ -29,6 +29,9 @@ class Stack:
     overlap_dp: bool  # the gradient all-reduce runs in buckets behind backward (DDP)
     overlap_cp: bool  # the ring's next K/V transfer runs behind the current block's attention
     traffic: float  # bytes of memory traffic per byte of saved activations, forward + backward
+    # ZeRO/FSDP shards the routed experts too (over their edp copies); meshattn's --shard dp leaves
+    # them whole, to their own ep split, and sums their gradients over edp as without sharding.
+    zero_experts: bool = True
 
     def replace(self, **changes) -> Stack:
         return dataclasses.replace(self, **changes)
@@ -36,12 +39,14 @@ class Stack:
 
 # meshattn under bf16 autocast (parallel/region.py, training/step.py): fp32 master weights,
 # gradients and AdamW moments (4 + 4 + 8 bytes per parameter), 16-bit activations, fp32 residual.
+# Its ZeRO-3 is `meshattn train --shard dp` (FSDP2 over dp x cp: weights gathered in the autocast
+# dtype, gradients reduced in fp32, the experts left whole); it has no ZeRO-1.
 # traffic: an eager elementwise op reads its inputs and writes its output; each saved tensor is
 # written once in forward and read in backward, where its gradient is written and read again:
 # about five passes per saved byte (an estimate, checked against measurements on this machine).
 MESHATTN = Stack(name="meshattn", fused_attention=True, act_bytes=2, residual_bytes=4, autocast=True, dropout=False,
                  weight_bytes=4, grad_bytes=4, optim_bytes=8, overlap_tp=True, overlap_dp=True, overlap_cp=True,
-                 traffic=5.0)
+                 traffic=5.0, zero_experts=False)
 # meshattn in float32 (`meshattn bench`'s default, and this machine's).
 MESHATTN_FP32 = MESHATTN.replace(name="meshattn-fp32", act_bytes=4, residual_bytes=4, autocast=False)
 
