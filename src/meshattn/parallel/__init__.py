@@ -132,11 +132,13 @@ class ParallelModel(nn.Module):
 
 
 def parallelize(model: Transformer, dims: ParallelDims, counter: CommCounter | None = None,
-                recompute: str = "none", gather_dtype: torch.dtype | None = None) -> ParallelModel:
-    """Split a reference model (with its weights) over the layout of `dims`. The reference is not
-    modified. Validates the layout against the model before creating any group."""
+                recompute: str = "none", gather_dtype: torch.dtype | None = None, device=None) -> ParallelModel:
+    """Split a reference model (with its weights) over the layout of `dims`, onto `device` (default:
+    the reference's). The reference is not modified. Validates the layout against the model
+    before creating any group."""
     ref = next(model.parameters())
-    return build(model.cfg, dims, model.state_dict(), counter, recompute, ref.dtype, ref.device, gather_dtype)
+    return build(model.cfg, dims, model.state_dict(), counter, recompute, ref.dtype,
+                 ref.device if device is None else device, gather_dtype)
 
 
 def build(cfg: ModelConfig, dims: ParallelDims, weights: dict[str, torch.Tensor] | TensorSource,

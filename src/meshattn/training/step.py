@@ -49,8 +49,8 @@ def build_model(cfg: TrainConfig, dims: ParallelDims, counter: CommCounter | Non
             return build(cfg.model, dims, source, counter, cfg.checkpoint, dtype=DTYPES[cfg.dtype],
                          device=current_device(), gather_dtype=gather)
     torch.manual_seed(cfg.seed)
-    ref = Transformer(cfg.model).to(device=current_device(), dtype=DTYPES[cfg.dtype])
-    return parallelize(ref, dims, counter, cfg.checkpoint, gather)
+    ref = Transformer(cfg.model).to(dtype=DTYPES[cfg.dtype])  # on the host: a GPU only receives its slices
+    return parallelize(ref, dims, counter, cfg.checkpoint, gather, device=current_device())
 
 
 def make_optimizer(model: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
