@@ -91,8 +91,8 @@ def grad_norm(model: ParallelModel) -> torch.Tensor:
         if p.grad is None or id(p) in seen:
             continue
         seen.add(id(p))
-        g = local(p.grad)
-        totals[int(is_sharded(p.grad)), index[shard.axis]] += g.double().pow(2).sum() * (shard.parts / axes[shard.axis].size)
+        weight = shard.parts / axes[shard.axis].size
+        totals[int(is_sharded(p.grad)), index[shard.axis]] += local(p.grad).double().pow(2).sum() * weight
     if model.cfg.shard != "none":
         totals[1] = all_reduce_(totals[1].contiguous(), model.axes.batch, "step")
     per_axis = totals.sum(0)  # (axes,)
