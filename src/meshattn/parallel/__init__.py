@@ -127,7 +127,8 @@ class ParallelModel(nn.Module):
 
     def gather_full(self, tensor_of) -> dict[str, torch.Tensor]:
         """Reference-named full tensors from per-parameter local ones, `tensor_of(local name,
-        param)` (parameters, gradients, optimizer moments). A collective over tp."""
+        param)` (parameters, gradients, optimizer moments). A collective over tp, and over
+        dp x cp when the parameters are sharded."""
         return gather_tensors(self.local, self.shards, self.axes.shard_axes(), tensor_of)
 
 
@@ -163,7 +164,8 @@ def build(cfg: ModelConfig, dims: ParallelDims, weights: dict[str, torch.Tensor]
 
 
 def gather_state_dict(model: ParallelModel, grads: bool = False) -> dict[str, torch.Tensor]:
-    """The full single-device state dict (or its gradients), on every rank. Collective over tp."""
+    """The full single-device state dict (or its gradients), on every rank. Collective over tp
+    (and over dp x cp when the parameters are sharded)."""
     return gather_full(model.local, model.shards, model.axes.shard_axes(), grads=grads)
 
 
