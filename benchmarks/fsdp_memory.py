@@ -49,11 +49,7 @@ def worker(cfg_dict: dict, warmup: int, out: str) -> None:
             t0 = time.perf_counter()
             train_step(model, opt, corpus, step, cfg)
             times.append(time.perf_counter() - t0)
-    held = state_bytes(model, opt)
-    steps = 4 * len(opt.state)  # AdamW's fp32 step counters, which the formula leaves out
-    held["optimizer"] -= steps
-    held["total"] -= steps
-    row = {"rank": dist.get_rank(), "median_step_s": statistics.median(times), "held": held,
+    row = {"rank": dist.get_rank(), "median_step_s": statistics.median(times), "held": state_bytes(model, opt),
            "peak_rss": mem.peak, "peak_rss_above_baseline": mem.delta}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)

@@ -56,9 +56,7 @@ def held_state(rank, world, steps=1, model=MODEL, **layout):
         corpus = _corpus()
         for step in range(steps):
             train_step(pm, opt, corpus, step, cfg)
-        held = state_bytes(pm, opt)
-        held["optimizer"] -= 4 * len(opt.state)  # AdamW's step counters (one fp32 scalar per parameter)
-        held["total"] -= 4 * len(opt.state)
+        held = state_bytes(pm, opt)  # AdamW's scalar step counters left out, as by the formula
         out[shard] = (held, formula(model, par.tp, par.batch_ranks, "zero3" if shard == "dp" else "none",
                                     par.splits_vocab(model), ep=par.ep, shard_experts=False))
     return out

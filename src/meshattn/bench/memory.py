@@ -75,11 +75,14 @@ def held_bytes(tensors) -> int:
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """What this rank holds between steps: weights, gradients, optimizer state (bytes) and total."""
+    """What this rank holds between steps: weights, gradients, optimizer state (bytes) and total.
+    The optimizer's per-parameter tensors only (AdamW's moments): its scalar step counters, which
+    no formula counts, are left out."""
     params = list(model.parameters())
+    moments = (v for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
     out = {"weights": held_bytes(params),
            "gradients": held_bytes(p.grad for p in params if p.grad is not None),
-           "optimizer": held_bytes(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))}
+           "optimizer": held_bytes(moments)}
     out["total"] = sum(out.values())
     return out
 
